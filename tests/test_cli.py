@@ -1,0 +1,73 @@
+"""The `ldmkit` command line: sampling writes a grid; every bad input is one clear line, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ldmkit.cli.main import main
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "ldmkit.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_sample_writes_grid(tiny_run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "4", "--steps", "5",
+               "--guidance", "2", "--seed", "0", "--out", str(out), "--scale", "1"])
+    assert rc == 0
+    img = Image.open(out)
+    assert img.size == (2 + 2 * 34, 2 + 2 * 34)  # 2 x 2 grid of 32 px tiles with 2 px padding
+    assert "wrote 4 samples" in capsys.readouterr().out
+    rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "0,1", "--n", "3", "--steps", "3",
+               "--out", str(tmp_path / "rows.png"), "--scale", "1"])
+    assert rc == 0 and Image.open(tmp_path / "rows.png").size == (2 + 3 * 34, 2 + 2 * 34)  # a row per class
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--checkpoint", "{missing}"], "checkpoint not found"),
+        (["--class", "10"], "class 10 is out of range"),
+        (["--class", "x"], "--class expects an integer"),
+        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--steps", "abc"], "invalid int value"),
+        (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--eta", "-0.5"], "eta must be >= 0"),
+        (["--out", "{tmp}/grid.txt"], "--out must end in .png"),
+    ],
+)
+def test_sample_errors_are_one_line(tiny_run, tmp_path, capsys, args, needle):
+    base = {"--checkpoint": str(tiny_run), "--out": str(tmp_path / "g.png"), "--steps": "2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value.format(missing=tmp_path / "nope", tmp=tmp_path)
+    argv = ["sample"] + [x for kv in base.items() for x in kv]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_mismatched_checkpoint_is_one_line(tiny_run, tmp_path, capsys):
+    # an autoencoder file is not a diffusion checkpoint; a corrupt file is not a checkpoint at all
+    rc = main(["sample", "--checkpoint", str(tiny_run / "autoencoder.safetensors"), "--out", str(tmp_path / "g.png")])
+    assert rc != 0 and "not an ldmkit latent diffusion checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "ldm.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    rc = main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "not a readable safetensors checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_entry_point_runs_as_a_process(tmp_path):
+    r = _run("sample", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "g.png"))
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"ldmkit: error: checkpoint not found: {tmp_path / 'none'}"]
+    r = _run("--help")
+    assert r.returncode == 0 and "sample" in r.stdout and "demo" in r.stdout
