@@ -71,3 +71,17 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     assert r.stderr.strip().splitlines() == [f"ldmkit: error: checkpoint not found: {tmp_path / 'none'}"]
     r = _run("--help")
     assert r.returncode == 0 and "sample" in r.stdout and "demo" in r.stdout
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_named(tiny_run, tmp_path, capsys):
+    # a checkpoint whose weights disagree with its stored config (a hand-edited or mixed-up file)
+    from ldmkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(tiny_run / "ldm.safetensors")
+    del tensors["model.diffusion_model.out.2.weight"]
+    meta["config"]["unet"]["model_channels"] = 64
+    save_checkpoint(tmp_path / "ldm.safetensors", tensors, meta)
+    rc = main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "UNet weights do not fit the configured model" in err
+    assert "of another shape" in err and len(err.strip().splitlines()) == 1

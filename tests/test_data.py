@@ -243,3 +243,20 @@ def test_image_folder_warns_about_loose_files(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="loose.png"):
         ds = ImageFolder(tmp_path, resolution=4)
     assert len(ds) == 1 and ds.classes == ["a"]
+
+
+def test_image_folder_applies_exif_orientation(tmp_path: Path) -> None:
+    # stored 20 wide x 10 high, left half red / right half blue, tagged "rotate 90 degrees clockwise"
+    arr = np.zeros((10, 20, 3), dtype=np.uint8)
+    arr[:, :10] = (255, 0, 0)
+    arr[:, 10:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # EXIF Orientation
+    img.save(tmp_path / "rotated.png", exif=exif)
+
+    x = load_image(tmp_path / "rotated.png", resolution=10)  # displayed 10 wide x 20 high; centre rows 5..14
+    red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
+    # upright: the top row is all red and the bottom row all blue (unrotated, each row would be half/half)
+    assert torch.equal(x[:, 0, :], red[:, None].expand(3, 10))
+    assert torch.equal(x[:, 9, :], blue[:, None].expand(3, 10))

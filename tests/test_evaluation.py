@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -39,7 +40,13 @@ def test_frechet_zero_for_identical_statistics() -> None:
 def test_frechet_one_dimensional_closed_form() -> None:
     # 1-D Gaussians: W2^2 = (m1 - m2)^2 + (s1 - s2)^2 with standard deviations s
     m1, s1, m2, s2 = 0.3, 1.5, -1.2, 0.4
-    value = frechet_distance(torch.tensor([m1]), torch.tensor([[s1**2]]), torch.tensor([m2]), torch.tensor([[s2**2]]))
+    f64 = {"dtype": torch.float64}
+    value = frechet_distance(
+        torch.tensor([m1], **f64),
+        torch.tensor([[s1**2]], **f64),
+        torch.tensor([m2], **f64),
+        torch.tensor([[s2**2]], **f64),
+    )
     assert value == pytest.approx((m1 - m2) ** 2 + (s1 - s2) ** 2, rel=1e-12)
 
 
@@ -100,7 +107,7 @@ def test_frechet_shape_errors() -> None:
 
 
 def test_psnr_known_values() -> None:
-    x = torch.zeros(2, 3, 4, 4)
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
     y = x.clone()
     y[0] += 0.1  # MSE 0.01 on range 2: 10 log10(4 / 0.01) = 10 log10(400)
     out = psnr(x, y)
@@ -108,7 +115,9 @@ def test_psnr_known_values() -> None:
     assert out[0].item() == pytest.approx(10 * math.log10(400.0), rel=1e-9)
     assert math.isinf(out[1].item()) and out[1] > 0
     # same images mapped to [0, 1] with data_range 1 give the same number
-    assert psnr((x + 1) / 2, (y + 1) / 2, data_range=1.0)[0].item() == pytest.approx(out[0].item(), rel=1e-6)
+    assert psnr((x + 1) / 2, (y + 1) / 2, data_range=1.0)[0].item() == pytest.approx(out[0].item(), rel=1e-9)
+    # float32 inputs work too (0.1 is not exact in float32, hence the looser tolerance)
+    assert psnr(x.float(), y.float())[0].item() == pytest.approx(out[0].item(), rel=1e-6)
     # full-range error: every pixel off by 2 in [-1, 1] is 0 dB
     assert psnr(-torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="shapes"):
@@ -139,26 +148,41 @@ def test_digit_classifier_shapes() -> None:
         model(torch.zeros(3, 1, 28, 28))
 
 
-def test_training_is_reproducible_from_generator() -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # Two OpenMP threads on a 2-core machine that is also running other work spin at every barrier
+    # and run ~6x slower than one thread (measured: 1.9 s vs 0.33 s per step); one thread keeps
+    # this test short whatever else is running.  The previous setting is restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_training_is_reproducible_from_generator(one_thread: None) -> None:
     g = torch.Generator().manual_seed(11)
     images = torch.rand(64, 1, 32, 32, generator=g) * 2 - 1
     labels = torch.randint(0, 10, (64,), generator=g)
     before = torch.random.get_rng_state()
-    m1 = train_classifier(images, labels, steps=3, batch_size=16, lr=1e-3, generator=torch.Generator().manual_seed(7), progress=False)
-    m2 = train_classifier(images, labels, steps=3, batch_size=16, lr=1e-3, generator=torch.Generator().manual_seed(7), progress=False)
+    m1 = train_classifier(
+        images, labels, steps=3, batch_size=16, lr=1e-3, generator=torch.Generator().manual_seed(7), progress=False
+    )
+    m2 = train_classifier(
+        images, labels, steps=3, batch_size=16, lr=1e-3, generator=torch.Generator().manual_seed(7), progress=False
+    )
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
     for p1, p2 in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(p1, p2)
 
 
-def test_judge_learns_mnist_quickly() -> None:
-    torch.set_num_threads(2)
+def test_judge_learns_mnist_quickly(one_thread: None) -> None:
     train_x, train_y = mnist_tensor("train")
     test_x, test_y = mnist_tensor("test")
     g = torch.Generator().manual_seed(0)
     subset = torch.randperm(len(train_x), generator=g)[:10000]
+    # 200 steps (~25 s on one core) reach ~98 % here; the default 800 steps on all 60k reach ~99.3 %
     model = train_classifier(
-        train_x[subset], train_y[subset], steps=300, batch_size=128, lr=3e-3, generator=g, progress=False
+        train_x[subset], train_y[subset], steps=200, batch_size=128, lr=3e-3, generator=g, progress=False
     )
     x, y = test_x[:2000], test_y[:2000]
     clean = evaluate_classifier(model, x, y)
@@ -168,3 +192,4 @@ def test_judge_learns_mnist_quickly() -> None:
     pred = predict(model, x[:10], batch_size=4)
     assert pred.dtype == torch.int64 and pred.shape == (10,)
     assert model.features(x[:5]).shape == (5, 128)
+    assert torch.equal(pred, model(x[:10]).argmax(1))

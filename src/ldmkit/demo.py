@@ -65,9 +65,12 @@ def _judge(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, steps: int
 @torch.no_grad()
 def autoencoder_psnr(codec: LatentCodec, images: torch.Tensor, batch_size: int = 500) -> float:
     """Mean PSNR (dB, [0, 1] range) of posterior-mode reconstructions."""
-    ae = codec.autoencoder.eval()
-    vals = [psnr(ae.decode(ae.encode(x).mode()).clamp(-1, 1), x)
-            for x in images.split(batch_size)]
+    ae = codec.autoencoder.eval().to(memory_format=torch.channels_last)  # faster CPU convolutions
+    try:
+        vals = [psnr(ae.decode(ae.encode(x.contiguous(memory_format=torch.channels_last)).mode()).clamp(-1, 1), x)
+                for x in images.split(batch_size)]
+    finally:
+        ae.to(memory_format=torch.contiguous_format)
     return torch.cat(vals).mean().item()
 
 
@@ -77,7 +80,7 @@ def run_demo(
     *,
     overrides: dict[str, Any] | None = None,
     samples_per_class: int = 50,
-    judge_steps: int = 800,
+    judge_steps: int = 600,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Inference API: load a trained latent diffusion model and turn class labels into images.
 
     pipe = LatentDiffusionPipeline.from_pretrained("runs/demo")
-    images = pipe.sample([3] * 16, steps=50, guidance=3.0, seed=0)     # [16, C, H, W] in [-1, 1]
+    images = pipe.sample([3] * 16, seed=0)     # [16, C, H, W] in [-1, 1]; steps/guidance/eta from the config
 """
 
 from __future__ import annotations
@@ -91,13 +91,20 @@ class LatentDiffusionPipeline:
         classes: Sequence[int] | None = None,
         n: int | None = None,
         *,
-        steps: int = 50,
-        guidance: float = 3.0,
-        eta: float = 0.0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        eta: float | None = None,
         seed: int = 0,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> Tensor:
-        """Scaled latents for `classes` (one sample per entry) or `n` unconditional samples."""
+        """Scaled latents for `classes` (one sample per entry) or `n` unconditional samples.
+
+        steps, guidance and eta default to the sampling section of the model's config.
+        """
+        sc = self.cfg.sampling
+        steps = sc.steps if steps is None else steps
+        guidance = sc.guidance if guidance is None else guidance
+        eta = sc.eta if eta is None else eta
         self.check_params(classes, steps, guidance, eta)
         count = len(classes) if classes is not None else n
         if not count or count < 1:

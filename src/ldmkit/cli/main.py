@@ -51,11 +51,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
-    if not math.isfinite(args.guidance) or args.guidance < 0:
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise CLIError(f"--out must end in .png or .jpg, got {args.out}")
     pipe = LatentDiffusionPipeline.from_pretrained(args.checkpoint)
+    # unset sampling options come from the sampling section the model was trained with
+    sc = pipe.cfg.sampling
+    args.steps = sc.steps if args.steps is None else args.steps
+    args.guidance = sc.guidance if args.guidance is None else args.guidance
+    args.eta = sc.eta if args.eta is None else args.eta
     wanted = _parse_classes(args.class_, pipe.n_classes)
     classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
     pipe.check_params(classes, args.steps, args.guidance, args.eta)
@@ -92,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_", default=None,
                    help="class label, comma list, or 'all' (omit: unconditional)")
     s.add_argument("--n", type=int, default=16, help="samples per class (or in total, unconditional)")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampling config)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = off (default: the model's sampling config)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta, 0 deterministic, 1 ancestral (default: the model's sampling config)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=int, default=2, help="upscale the grid image by this integer factor")
     s.add_argument("--out", default="grid.png", help="output PNG")
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, FloatingPointError) as e:
         print(f"ldmkit: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

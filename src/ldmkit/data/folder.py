@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -70,6 +70,8 @@ def load_image(path: str | Path, resolution: int, channels: int = 3) -> Tensor:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: Image.open is lazy and would defer truncation errors
+            # camera JPEGs store their rotation in EXIF; apply it so portrait photos stay upright
+            img = ImageOps.exif_transpose(img)
             # palette / 16-bit / CMYK / alpha images all become plain L or RGB; alpha is dropped
             img = img.convert("RGB" if channels == 3 else "L")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

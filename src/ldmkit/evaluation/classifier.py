@@ -139,8 +139,14 @@ def train_classifier(
     AdamW with warm-up + cosine learning-rate decay; batches are drawn as shuffled epochs.  All
     randomness (initial weights, batch order, augmentation) comes from ``generator`` (a fresh
     ``torch.Generator`` seeded with 0 when ``None``), so a run is reproducible and leaves the global
-    RNG untouched.  The defaults (800 steps of 128) take about a minute on two CPU cores and give
-    about 99 % test accuracy on MNIST.  Returns the model in eval mode.
+    RNG untouched.  Returns the model in eval mode.
+
+    The defaults (800 steps of 128 images, ~1.7 epochs of the 60k training set) gave 99.25-99.35 %
+    clean and 99.20-99.33 % noisy (std 0.2) MNIST test accuracy over four seeds.  Cost: ~120 ms of
+    CPU per step single-threaded (~100 s for 800 steps); two threads on an otherwise idle
+    2-core machine run a step in ~55-75 ms (~45-60 s).  On a busy machine prefer
+    ``torch.set_num_threads(1)``: two OpenMP threads competing with other processes spin at every
+    barrier and were measured ~6x slower than one thread.
     """
     if images.ndim != 4 or images.shape[1:] != (1, 32, 32):
         raise ValueError(f"images must be [N, 1, 32, 32], got {tuple(images.shape)}")

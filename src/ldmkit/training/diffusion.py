@@ -31,8 +31,13 @@ WEIGHTS_FILE = "ldm.safetensors"
 def encode_moments(codec: LatentCodec, images: Tensor, batch_size: int = 500) -> Tensor:
     """Posterior parameters [N, 2C, h, w] (mean | logvar, unscaled) of every image, in eval mode."""
     codec.eval()
-    return torch.cat([codec.posterior(images[i : i + batch_size]).parameters
-                      for i in range(0, len(images), batch_size)])
+    codec.autoencoder.to(memory_format=torch.channels_last)  # faster CPU convolutions for this one pass
+    try:
+        parts = [codec.posterior(x.contiguous(memory_format=torch.channels_last)).parameters
+                 for x in images.split(batch_size)]
+    finally:
+        codec.autoencoder.to(memory_format=torch.contiguous_format)
+    return torch.cat(parts).contiguous()
 
 
 class Denoiser(nn.Module):
@@ -72,7 +77,8 @@ def train_diffusion(
         raise ValueError("class-conditional training needs one label per image")
     net = seeded_init(tc.seed, lambda: Denoiser(build_unet(cfg), build_conditioner(cfg))).train()
     ema = EMA(net, tc.ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # fused: one kernel for all parameters instead of a handful of small ops per tensor (~20% of a CPU step)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     gen = torch.Generator().manual_seed(tc.seed)
     state_path = run_dir / STATE_FILE
     step = 0
