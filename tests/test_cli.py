@@ -44,7 +44,7 @@ def test_sample_writes_grid(tiny_run, tmp_path, capsys):
 )
 def test_sample_errors_are_one_line(tiny_run, tmp_path, capsys, args, needle):
     base = {"--checkpoint": str(tiny_run), "--out": str(tmp_path / "g.png"), "--steps": "2"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value.format(missing=tmp_path / "nope", tmp=tmp_path)
     argv = ["sample"] + [x for kv in base.items() for x in kv]
     rc = main(argv)

@@ -144,7 +144,7 @@ def train_classifier(
     The defaults (800 steps of 128 images, ~1.7 epochs of the 60k training set) gave 99.25-99.35 %
     clean and 99.20-99.33 % noisy (std 0.2) MNIST test accuracy over four seeds.  Cost: ~120 ms of
     CPU per step single-threaded (~100 s for 800 steps); two threads on an otherwise idle
-    2-core machine run a step in ~55-75 ms (~45-60 s).  On a busy machine prefer
+    2-core machine ran a step in ~55-77 ms in short benchmarks (~45-62 s).  On a busy machine prefer
     ``torch.set_num_threads(1)``: two OpenMP threads competing with other processes spin at every
     barrier and were measured ~6x slower than one thread.
     """
