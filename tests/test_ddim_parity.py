@@ -93,3 +93,34 @@ def test_ddim_inpainting_keeps_known_region():
     assert out[..., 2:].abs().max() < 0.2
     with pytest.raises(ValueError, match="both mask and x0"):
         sample_ddim(_toy_denoiser, x0, s, steps=5, mask=mask)
+
+
+def test_ddim_img2img_strength():
+    s = NoiseSchedule.make("linear", 1000, 0.00085, 0.012)
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(2, 3, 4, 4, generator=g)
+    noise = torch.randn(2, 3, 4, 4, generator=g)
+    seen = []
+    out = sample_ddim(lambda x, t: torch.zeros_like(x), noise, s, steps=20, init=init, strength=0.25,
+                      callback=lambda d: seen.append(d["t"]))
+    assert seen == [201, 151, 101, 51, 1]  # the last quarter (5 of 20) of the grid, from its top
+    # a denoiser that returns the init image keeps it (strength only decides how far we re-noise)
+    back = sample_ddim(lambda x, t: init, noise, s, steps=20, init=init, strength=0.5)
+    assert (back - init).abs().max() < 0.05 * noise.abs().max()
+    # strength 1 from a pure-noise start is ordinary sampling (up to alpha_bar of the top step)
+    full = sample_ddim(_toy_denoiser, noise, s, steps=10, init=init, strength=1.0)
+    assert full.shape == init.shape and torch.isfinite(full).all()
+    with pytest.raises(ValueError, match="strength must be in"):
+        sample_ddim(_toy_denoiser, noise, s, steps=10, init=init, strength=0.0)
+    assert out.shape == init.shape
+
+
+def test_dynamic_thresholding():
+    from ldmkit.diffusion.thresholding import dynamic_threshold, thresholded
+
+    x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [4.0, -2.0, 1.0, 0.0]]).view(2, 1, 2, 2)
+    out = dynamic_threshold(x0, percentile=1.0)
+    assert torch.equal(out[0], x0[0])  # inside [-1, 1]: s = max(quantile, 1) = 1, unchanged
+    assert torch.allclose(out[1].flatten(), torch.tensor([1.0, -0.5, 0.25, 0.0]))  # divided by s = 4
+    wrapped = thresholded(lambda x, t: x * 10, percentile=0.9)
+    assert wrapped(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long)).abs().max() <= 1.0 + 1e-6

@@ -121,3 +121,33 @@ def test_q_sample_marginal_statistics():
     a = s.alphas_cumprod[300].item()
     assert xt.mean().item() == pytest.approx(2 * math.sqrt(a), abs=0.01)
     assert xt.var().item() == pytest.approx(1 - a, abs=0.01)
+
+
+def test_diffusers_timestep_spacings():
+    # values as diffusers' DDIM builds them for 10 steps over 1000 (Lin et al. 2024, Table 2)
+    assert ddim_timesteps(10, spacing="leading").tolist() == list(range(0, 1000, 100))
+    assert ddim_timesteps(10, spacing="trailing").tolist() == list(range(99, 1000, 100))
+    assert ddim_timesteps(10, spacing="linspace").tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    # SD's DDIM ("leading" with steps_offset 1) is LDM's "uniform"
+    assert torch.equal(ddim_timesteps(50, spacing="leading") + 1, ddim_timesteps(50, spacing="uniform"))
+    for spacing in ("uniform", "quad", "leading", "trailing", "linspace"):
+        grid = ddim_timesteps(37, spacing=spacing)
+        assert torch.all(grid.diff() > 0) and grid.min() >= 0 and grid.max() <= 999, spacing
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        ddim_timesteps(10, spacing="wrong")
+
+
+def test_zero_terminal_snr_rescaling():
+    from ldmkit.diffusion.schedules import rescale_zero_terminal_snr
+
+    base = make_beta_schedule("linear", 1000, 0.00085, 0.012)
+    s = NoiseSchedule(rescale_zero_terminal_snr(base))
+    ab = s.alphas_cumprod
+    assert ab[-1].item() == 0.0 and s.betas[-1].item() == pytest.approx(1.0)
+    assert ab[0].item() == pytest.approx(NoiseSchedule(base).alphas_cumprod[0].item(), rel=1e-12)
+    assert torch.all(ab.diff() <= 0)
+    # sqrt(alpha_bar) is an affine map of the original one (Lin et al. 2024, Algorithm 1)
+    old = NoiseSchedule(base).alphas_cumprod.sqrt()
+    new = ab.sqrt()
+    ratio = (new[1:-1] - new[-1]) / (old[1:-1] - old[-1])
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-9)

@@ -71,8 +71,9 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         b = self.betas
-        if b.ndim != 1 or not torch.all((b > 0) & (b < 1)):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        # beta_T = 1 is allowed: that is a zero-terminal-SNR schedule (see `rescale_zero_terminal_snr`)
+        if b.ndim != 1 or not torch.all((b > 0) & (b <= 1)):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         object.__setattr__(self, "betas", b.to(torch.float64))
 
     @property
@@ -136,29 +137,57 @@ class NoiseSchedule:
         return a / (1 - a)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 exactly (Lin et al. 2024, Algorithm 1).
+
+    sqrt(alpha_bar_1) is kept, sqrt(alpha_bar_T) becomes 0, everything in between moves linearly. The
+    model then sees pure noise at the last step, which only a v- or x0-predicting model can denoise.
+    """
+    ab_sqrt = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab = ab_sqrt**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
 def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] shaped [B, 1, 1, ...] to broadcast against `like`, in like's dtype and device."""
     out = values[t.long().cpu()].to(device=like.device, dtype=like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))  # [B] -> [B, 1, 1, 1]
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "uniform") -> Tensor:
-    """The DDIM sub-sequence of training steps, ascending, as LDM's `make_ddim_timesteps` builds it.
+SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 
-    "uniform": range(0, T, T // S) + 1, so 50 steps give 1, 21, ..., 981 (when S does not divide T the
-    sequence can be one longer than S, exactly as in the reference). "quad": quadratic spacing up to 0.8 T.
-    Where the reference's +1 shift would step past T - 1 (e.g. S = 3 gives 1000, an IndexError there), that
-    entry is dropped.
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "uniform") -> Tensor:
+    """A sub-sequence of training steps to sample on, ascending.
+
+    LDM's `make_ddim_timesteps`:
+      "uniform": range(0, T, T // S) + 1, so 50 steps give 1, 21, ..., 981 (when S does not divide T the
+      sequence can be one longer than S, exactly as in the reference; where the +1 shift would step past
+      T - 1, e.g. S = 3 gives 1000, an IndexError there, that entry is dropped);
+      "quad": quadratic spacing up to 0.8 T, + 1 (repeated steps dropped).
+    The diffusers spacings (Lin et al. 2024, Table 2): "leading" = arange(S) * (T // S) (SD's DDIM with
+    steps_offset 1 is "uniform"), "trailing" = round(arange(T, 0, -T / S)) - 1 (always ends on T - 1),
+    "linspace" = round(linspace(0, T - 1, S)).
     """
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {num_steps}")
+    T = num_train_timesteps
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}, got {num_steps}")
     if spacing == "uniform":
-        c = num_train_timesteps // num_steps
-        steps = np.asarray(list(range(0, num_train_timesteps, c)))
+        steps = np.arange(0, T, T // num_steps) + 1  # +1: the last step lands on alpha_bar_1, not alpha_bar_0
+        steps = steps[steps < T]
     elif spacing == "quad":
-        steps = ((np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps)) ** 2).astype(int)
+        # the reference repeats early steps when S is large (37 steps give 1, 1, ...); a repeat is a wasted
+        # model call that moves nothing, so it is dropped
+        steps = np.unique(((np.linspace(0, np.sqrt(T * 0.8), num_steps)) ** 2).astype(int) + 1)
+    elif spacing == "leading":
+        steps = np.arange(num_steps) * (T // num_steps)
+    elif spacing == "trailing":
+        steps = (np.round(np.arange(T, 0, -T / num_steps)) - 1).astype(np.int64)[::-1]
+    elif spacing == "linspace":
+        steps = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
     else:
-        raise ValueError(f"unknown DDIM timestep spacing {spacing!r}; choose 'uniform' or 'quad'")
-    # +1 shifts the grid so that the last step lands on alpha_bar_1 rather than alpha_bar_0 (as LDM does)
-    steps = steps + 1
-    return torch.from_numpy(steps[steps < num_train_timesteps]).long()
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return torch.from_numpy(np.ascontiguousarray(steps)).long()

@@ -52,6 +52,8 @@ def sample_ddim(
     callback: Callable[[dict[str, Any]], None] | None = None,
     mask: Tensor | None = None,
     x0: Tensor | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """Run DDIM from x = x_T down the step grid and return the final sample.
 
@@ -59,6 +61,8 @@ def sample_ddim(
     `timesteps` (ascending training steps) overrides `steps`/`spacing`.
     Inpainting: where mask == 1 the known `x0` is kept, re-noised to the current step each iteration
     (LDM's DDIM `mask`/`x0`); the sampler fills in where mask == 0.
+    img2img (SDEdit, Meng et al. 2022): with `init` given, only the last `round(strength * S)` grid steps
+    run, starting from init noised to the first of them with `x` as the noise.
     callback receives {"x": x_s, "i": step index, "t": t, "denoised": x0_hat} after every step.
     """
     if eta < 0:
@@ -70,6 +74,13 @@ def sample_ddim(
         raise ValueError(f"timesteps must be a 1-D grid inside [0, {schedule.num_timesteps})")
     a_all, a_prev_all, sigma_all = ddim_coefficients(schedule, grid, eta)
     n = len(grid)
+    if init is not None:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if init.shape != x.shape:
+            raise ValueError(f"init shape {tuple(init.shape)} differs from the noise shape {tuple(x.shape)}")
+        n = max(1, round(strength * n))  # run grid[:n] from its top, as diffusers' img2img does
+        x = schedule.q_sample(init, timesteps_like(x, int(grid[n - 1])), x)
     for i in range(n):
         index = n - 1 - i  # walk the grid from its top
         t = timesteps_like(x, int(grid[index]))
