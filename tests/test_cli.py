@@ -85,3 +85,17 @@ def test_checkpoint_that_does_not_fit_its_config_is_named(tiny_run, tmp_path, ca
     err = capsys.readouterr().err
     assert rc != 0 and "UNet weights do not fit the configured model" in err
     assert "of another shape" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "plms", "heun"])
+def test_sample_with_named_samplers(tiny_run, tmp_path, sampler):
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "1", "--n", "2", "--steps", "4",
+               "--sampler", sampler, "--seed", "1", "--out", str(out)])
+    assert rc == 0 and out.exists()
+
+
+def test_unknown_sampler_is_one_line(tiny_run, tmp_path, capsys):
+    rc = main(["sample", "--checkpoint", str(tiny_run), "--sampler", "dpm3", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "unknown sampler 'dpm3'" in err and len(err.strip().splitlines()) == 1

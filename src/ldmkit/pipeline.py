@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .config import LDMConfig, from_dict
-from .diffusion import DiscreteDenoiser, guided_denoiser, sample_ddim
+from .diffusion import DiscreteDenoiser, guided_denoiser
+from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
 from .training.build import (
     COND_STAGE_PREFIX,
@@ -71,7 +72,8 @@ class LatentDiffusionPipeline:
     def resolution(self) -> int:
         return self.cfg.data.resolution
 
-    def check_params(self, classes: Sequence[int] | None, steps: int, guidance: float, eta: float) -> None:
+    def check_params(self, classes: Sequence[int] | None, steps: int, guidance: float, eta: float | None,
+                     sampler: str | None = None) -> None:
         if classes is not None:
             if self.n_classes == 0:
                 raise ValueError("this model is unconditional: it takes no class labels")
@@ -82,8 +84,10 @@ class LatentDiffusionPipeline:
             raise ValueError(f"steps must be between 1 and {self.parts.schedule.num_timesteps}, got {steps}")
         if not guidance >= 0 or guidance != guidance:
             raise ValueError(f"guidance must be a number >= 0, got {guidance}")
-        if not eta >= 0:
+        if eta is not None and not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if sampler is not None:
+            resolve_sampler(sampler)
 
     @torch.no_grad()
     def sample_latents(
@@ -94,18 +98,22 @@ class LatentDiffusionPipeline:
         steps: int | None = None,
         guidance: float | None = None,
         eta: float | None = None,
+        sampler: str | None = None,
         seed: int = 0,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> Tensor:
         """Scaled latents for `classes` (one sample per entry) or `n` unconditional samples.
 
-        steps, guidance and eta default to the sampling section of the model's config.
+        sampler, steps, guidance and eta default to the sampling section of the model's config (its eta only
+        goes with its sampler: another sampler without an explicit eta runs at its own default).
         """
         sc = self.cfg.sampling
         steps = sc.steps if steps is None else steps
         guidance = sc.guidance if guidance is None else guidance
-        eta = sc.eta if eta is None else eta
-        self.check_params(classes, steps, guidance, eta)
+        if eta is None and sampler is None:
+            eta = sc.eta
+        sampler = sc.sampler if sampler is None else sampler
+        self.check_params(classes, steps, guidance, eta, sampler)
         count = len(classes) if classes is not None else n
         if not count or count < 1:
             raise ValueError("nothing to sample: give classes or n >= 1")
@@ -122,7 +130,8 @@ class LatentDiffusionPipeline:
             fn = guided_denoiser(self.denoiser, null, None, 1.0)
         else:
             fn = guided_denoiser(self.denoiser, {}, None, 1.0)
-        return sample_ddim(fn, x_T, self.parts.schedule, steps=steps, eta=eta, generator=gen, callback=callback)
+        return run_sampler(sampler, fn, x_T, self.parts.schedule, steps=steps, eta=eta, generator=gen,
+                           callback=callback)
 
     @torch.no_grad()
     def sample(self, classes: Sequence[int] | None = None, n: int | None = None, *, batch_size: int = 256,

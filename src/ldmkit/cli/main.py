@@ -60,11 +60,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sc = pipe.cfg.sampling
     args.steps = sc.steps if args.steps is None else args.steps
     args.guidance = sc.guidance if args.guidance is None else args.guidance
-    args.eta = sc.eta if args.eta is None else args.eta
+    if args.eta is None and args.sampler is None:
+        args.eta = sc.eta  # the config's eta belongs to the config's sampler
+    args.sampler = sc.sampler if args.sampler is None else args.sampler
     wanted = _parse_classes(args.class_, pipe.n_classes)
     classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
-    pipe.check_params(classes, args.steps, args.guidance, args.eta)
-    images = pipe.sample(classes, args.n, steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed)
+    pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler)
+    images = pipe.sample(classes, args.n, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                         sampler=args.sampler, seed=args.seed)
     nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {path}")
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale, 1 = off (default: the model's sampling config)")
     s.add_argument("--eta", type=float, default=None,
                    help="DDIM eta, 0 deterministic, 1 ancestral (default: the model's sampling config)")
+    s.add_argument("--sampler", default=None,
+                   help="ddim, plms, ddpm, euler, 'euler a', heun, lms, 'dpm++ 2m', 'dpm++ 2m sde', with an optional "
+                        "' karras' or ' exponential' grid (default: the model's sampling config)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=int, default=2, help="upscale the grid image by this integer factor")
     s.add_argument("--out", default="grid.png", help="output PNG")

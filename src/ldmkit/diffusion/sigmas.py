@@ -167,7 +167,10 @@ class SigmaDenoiser:
         shape = (-1, *([1] * (x.ndim - 1)))
         sigma = sigma.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         x_t = x / (1 + sigma.reshape(shape) ** 2) ** 0.5
-        t = self.sigma_to_t(sigma)
+        if bool((sigma == sigma[0]).all()):  # the usual case: one sigma per step, look it up once
+            t = self.sigma_to_t(sigma[:1]).expand(sigma.shape[0])
+        else:
+            t = self.sigma_to_t(sigma)
         x0_hat = self.denoiser(x_t, t)
         if self.keep == "x0":
             return x0_hat

@@ -1,0 +1,139 @@
+"""Sampler names as users know them (reference code, diffusers, A1111, ComfyUI) and one way to run any of them.
+
+Two families share the registry:
+  discrete  - DDIM, PLMS, DDPM walk the model's integer training steps: `fn(denoiser, x_T, schedule, ...)`;
+  sigma     - Euler, Heun, LMS, DPM++ ... integrate in k-diffusion's sigma space over a sigma grid:
+              `fn(D, x, sigmas, ...)` with D(x, sigma) = SigmaDenoiser(denoiser, schedule).
+A name may end in a grid: "DPM++ 2M Karras", "euler exponential"; without one the sigma family uses the
+model's own discrete grid ("normal": training steps evenly spaced, as k-diffusion / A1111 do).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..parameterization import Denoiser
+from ..schedules import NoiseSchedule
+from ..sigmas import SigmaDenoiser, discrete_sigma_grid, exponential_sigmas, karras_sigmas
+from .ddim import sample_ddim
+from .ddpm import sample_ddpm
+from .dpmpp_2m import sample_dpmpp_2m
+from .dpmpp_2m_sde import sample_dpmpp_2m_sde
+from .euler import sample_euler
+from .euler_ancestral import sample_euler_ancestral
+from .heun import sample_heun
+from .lms import sample_lms
+from .plms import sample_plms
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    family: str  # "discrete" or "sigma"
+    fn: Callable[..., Tensor]
+    stochastic: bool  # draws fresh noise every step (uses the generator)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    s.name: s
+    for s in [
+        SamplerSpec("ddim", "discrete", sample_ddim, False),
+        SamplerSpec("plms", "discrete", sample_plms, False),
+        SamplerSpec("ddpm", "discrete", sample_ddpm, True),
+        SamplerSpec("euler", "sigma", sample_euler, False),
+        SamplerSpec("euler_ancestral", "sigma", sample_euler_ancestral, True),
+        SamplerSpec("heun", "sigma", sample_heun, False),
+        SamplerSpec("lms", "sigma", sample_lms, False),
+        SamplerSpec("dpmpp_2m", "sigma", sample_dpmpp_2m, False),
+        SamplerSpec("dpmpp_2m_sde", "sigma", sample_dpmpp_2m_sde, True),
+    ]
+}
+
+# lower-case, single-spaced spellings -> canonical names
+ALIASES: dict[str, str] = {
+    "pndm": "plms",
+    "ancestral": "ddpm",
+    "euler a": "euler_ancestral",
+    "euler_a": "euler_ancestral",
+    "k_euler": "euler",
+    "k_euler_a": "euler_ancestral",
+    "k_euler_ancestral": "euler_ancestral",
+    "k_heun": "heun",
+    "k_lms": "lms",
+    "dpm++ 2m": "dpmpp_2m",
+    "dpm++2m": "dpmpp_2m",
+    "dpmsolver++": "dpmpp_2m",
+    "dpm solver++": "dpmpp_2m",
+    "dpm++ 2m sde": "dpmpp_2m_sde",
+    "dpm++2m sde": "dpmpp_2m_sde",
+}
+
+SIGMA_GRIDS = ("normal", "karras", "exponential")
+
+
+def resolve_sampler(name: str) -> tuple[SamplerSpec, str | None]:
+    """(spec, sigma grid) for a user-facing name such as "DPM++ 2M Karras", "Euler a" or "plms"."""
+    key = " ".join(name.lower().replace("-", " ").split())
+    grid = None
+    for g in SIGMA_GRIDS:
+        if key.endswith(" " + g):
+            key, grid = key[: -len(g) - 1], g
+    key = ALIASES.get(key, key).replace(" ", "_")
+    if key not in SAMPLERS:
+        names = ", ".join(sorted(SAMPLERS))
+        raise ValueError(f"unknown sampler {name!r}; choose one of {names} (or an alias like 'DPM++ 2M Karras')")
+    spec = SAMPLERS[key]
+    if grid is not None and spec.family != "sigma":
+        raise ValueError(f"sampler {spec.name!r} walks the model's own steps and takes no {grid!r} sigma grid")
+    return spec, grid
+
+
+def sigma_grid(schedule: NoiseSchedule, steps: int, grid: str = "normal") -> Tensor:
+    """steps + 1 descending sigmas ending in 0, spanning the model's trained sigma range."""
+    sig = SigmaDenoiser(lambda x, t: x, schedule)  # only for its sigma range
+    if grid == "normal":
+        return discrete_sigma_grid(schedule, steps, "linspace", interpolation="log")
+    if grid == "karras":
+        return karras_sigmas(steps, sig.sigma_min, sig.sigma_max)
+    if grid == "exponential":
+        return exponential_sigmas(steps, sig.sigma_min, sig.sigma_max)
+    raise ValueError(f"unknown sigma grid {grid!r}; choose one of {', '.join(SIGMA_GRIDS)}")
+
+
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Tensor:
+    """Sample with any registered sampler from unit Gaussian `noise`; returns x_0 (VP space)."""
+    spec, grid = resolve_sampler(name)
+    kwargs: dict[str, Any] = {"generator": generator, "callback": callback}
+    params = inspect.signature(spec.fn).parameters
+    if eta is not None:
+        if "eta" in params:
+            kwargs["eta"] = eta
+        elif eta != 0 and not (spec.stochastic and eta == 1):
+            raise ValueError(f"sampler {spec.name!r} takes no eta (got {eta})")
+    if spec.family == "discrete":
+        if "steps" in params:
+            kwargs["steps"] = steps
+        elif steps != schedule.num_timesteps:  # DDPM walks the full chain
+            raise ValueError(f"ddpm runs all {schedule.num_timesteps} training steps (got steps={steps}); "
+                             "for fewer steps use ddim with eta 1, its respaced equivalent")
+        return spec.fn(denoiser, noise, schedule, **kwargs)
+    sigmas = sigma_grid(schedule, steps, grid or "normal").to(noise.device)
+    # x_T / sqrt(alpha_bar_T) has standard deviation sqrt(1 + sigma_max^2) under the forward process
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    return spec.fn(SigmaDenoiser(denoiser, schedule), x, sigmas, **kwargs)
