@@ -80,3 +80,39 @@ def test_deterministic_samplers_repeat_and_stochastic_ones_follow_the_generator(
             c = run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=8,
                             generator=torch.Generator().manual_seed(4))
             assert not torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "euler", "dpmpp_2m karras", "euler_ancestral", "heun"])
+def test_inpainting_keeps_the_known_region_and_fills_the_rest(name):
+    g = torch.Generator().manual_seed(5)
+    known = torch.full((3000, 2), 2.0)  # column 0 known (far from the data), column 1 to be generated
+    mask = torch.tensor([1.0, 0.0]).expand(3000, 2)
+    noise = torch.randn(3000, 2, generator=g)
+    out = run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=100, generator=g, mask=mask, x0=known)
+    # the discrete samplers re-noise the known region to every step, the last one included (LDM's DDIM):
+    # a little noise is left there; the sigma samplers land on it exactly
+    assert (out[:, 0] - 2.0).abs().mean() < 0.05, name
+    assert out[:, 1].mean().item() == pytest.approx(MU, abs=0.05), name
+    assert out[:, 1].std().item() == pytest.approx(S, abs=0.06), name
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "euler_ancestral"])
+def test_img2img_strength(name):
+    g = torch.Generator().manual_seed(6)
+    init = torch.full((2000, 1), -1.0)  # far in the tail of N(MU, S^2)
+    noise = torch.randn(2000, 1, generator=g)
+    weak = run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=50, generator=g, init=init, strength=0.1)
+    strong = run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=50, generator=g, init=init, strength=1.0)
+    # a weak edit stays near the input; at full strength the input is forgotten and the data comes back
+    assert (weak.mean() - init.mean()).abs() < (strong.mean() - init.mean()).abs()
+    assert strong.mean().item() == pytest.approx(MU, abs=0.1) and strong.std().item() == pytest.approx(S, abs=0.1)
+    with pytest.raises(ValueError, match="strength must be in"):
+        run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=5, init=init, strength=1.5)
+
+
+def test_unsupported_conditioning_is_named():
+    noise = torch.randn(4, 1)
+    with pytest.raises(ValueError, match="'plms' does not support img2img"):
+        run_sampler("plms", gaussian_denoiser, noise, SCHEDULE, steps=5, init=noise)
+    with pytest.raises(ValueError, match="both mask and x0"):
+        run_sampler("euler", gaussian_denoiser, noise, SCHEDULE, steps=5, mask=torch.ones(4, 1))

@@ -116,9 +116,24 @@ def run_sampler(
     eta: float | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    mask: Tensor | None = None,
+    x0: Tensor | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
-    """Sample with any registered sampler from unit Gaussian `noise`; returns x_0 (VP space)."""
+    """Sample with any registered sampler from unit Gaussian `noise`; returns x_0 (VP space).
+
+    Inpainting (`mask`, `x0`): where mask == 1 the known x0 is kept. The discrete samplers re-noise it to
+    every step (LDM's DDIM/PLMS `mask`/`x0`); the sigma samplers replace the denoiser's estimate by x0 there,
+    which makes the known region follow its exact probability-flow path x0 + (x_T - x0) sigma / sigma_T.
+    img2img (`init`, `strength`): only the last round(strength * steps) steps run, starting from `init`
+    noised to the first of them with `noise` (SDEdit, Meng et al. 2022).
+    """
     spec, grid = resolve_sampler(name)
+    if (mask is None) != (x0 is None):
+        raise ValueError("inpainting needs both mask and x0")
+    if init is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     kwargs: dict[str, Any] = {"generator": generator, "callback": callback}
     params = inspect.signature(spec.fn).parameters
     if eta is not None:
@@ -127,6 +142,14 @@ def run_sampler(
         elif eta != 0 and not (spec.stochastic and eta == 1):
             raise ValueError(f"sampler {spec.name!r} takes no eta (got {eta})")
     if spec.family == "discrete":
+        for key, value in (("mask", mask), ("x0", x0), ("init", init)):
+            if value is not None:
+                if key not in params:
+                    what = "img2img" if key == "init" else "inpainting"
+                    raise ValueError(f"sampler {spec.name!r} does not support {what}")
+                kwargs[key] = value
+        if init is not None:
+            kwargs["strength"] = strength
         if "steps" in params:
             kwargs["steps"] = steps
         elif steps != schedule.num_timesteps:  # DDPM walks the full chain
@@ -134,6 +157,20 @@ def run_sampler(
                              "for fewer steps use ddim with eta 1, its respaced equivalent")
         return spec.fn(denoiser, noise, schedule, **kwargs)
     sigmas = sigma_grid(schedule, steps, grid or "normal").to(noise.device)
-    # x_T / sqrt(alpha_bar_T) has standard deviation sqrt(1 + sigma_max^2) under the forward process
-    x = noise * (1 + sigmas[0] ** 2) ** 0.5
-    return spec.fn(SigmaDenoiser(denoiser, schedule), x, sigmas, **kwargs)
+    D: Callable[[Tensor, Tensor], Tensor] = SigmaDenoiser(denoiser, schedule)
+    if mask is not None:
+        inner = D
+
+        def D(x: Tensor, sigma: Tensor) -> Tensor:  # noqa: N802  (k-diffusion's name for the denoiser)
+            return mask * x0 + (1 - mask) * inner(x, sigma)
+
+    if init is not None:
+        if init.shape != noise.shape:
+            raise ValueError(f"init shape {tuple(init.shape)} differs from the noise shape {tuple(noise.shape)}")
+        n = len(sigmas) - 1
+        sigmas = sigmas[n - max(1, round(strength * n)) :]
+        x = init + noise * sigmas[0]  # the variance-exploding view of q(x_t | init)
+    else:
+        # x_T / sqrt(alpha_bar_T) has standard deviation sqrt(1 + sigma_max^2) under the forward process
+        x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    return spec.fn(D, x, sigmas, **kwargs)
