@@ -116,3 +116,14 @@ def test_unsupported_conditioning_is_named():
         run_sampler("plms", gaussian_denoiser, noise, SCHEDULE, steps=5, init=noise)
     with pytest.raises(ValueError, match="both mask and x0"):
         run_sampler("euler", gaussian_denoiser, noise, SCHEDULE, steps=5, mask=torch.ones(4, 1))
+
+
+def test_callbacks_report_the_training_step_for_every_family():
+    noise = torch.randn(8, 1, generator=torch.Generator().manual_seed(7))
+    for name in ("ddim", "plms", "euler", "dpmpp_2m karras"):
+        seen = []
+        run_sampler(name, gaussian_denoiser, noise, SCHEDULE, steps=10, callback=seen.append)
+        ts = [float(d["t"]) for d in seen]
+        assert len(ts) >= 10 and all(0 <= t <= 999 for t in ts), name
+        assert ts[0] > 900 and ts == sorted(ts, reverse=True), name
+        assert all("x" in d and "denoised" in d for d in seen), name

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..parameterization import Denoiser
 from ..schedules import NoiseSchedule
-from ..sigmas import SigmaDenoiser, discrete_sigma_grid, exponential_sigmas, karras_sigmas
+from ..sigmas import SigmaDenoiser, discrete_sigma_grid, exponential_sigmas, karras_sigmas, sigma_to_t
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .dpmpp_2m import sample_dpmpp_2m
@@ -158,6 +158,15 @@ def run_sampler(
         return spec.fn(denoiser, noise, schedule, **kwargs)
     sigmas = sigma_grid(schedule, steps, grid or "normal").to(noise.device)
     D: Callable[[Tensor, Tensor], Tensor] = SigmaDenoiser(denoiser, schedule)
+    if callback is not None:
+        user_callback, table = callback, D.sigmas
+
+        def with_t(info: dict[str, Any]) -> None:
+            # one vocabulary for both families: also report the (fractional) training step of sigma
+            info["t"] = float(sigma_to_t(torch.as_tensor(info["sigma"]).reshape(1), table)[0])
+            user_callback(info)
+
+        kwargs["callback"] = with_t
     if mask is not None:
         inner = D
 
