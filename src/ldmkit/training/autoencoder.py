@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import LDMConfig, to_dict
-from ..models.autoencoder_kl import AutoencoderKL
-from .build import build_autoencoder
+from ..config import LDMConfig, from_dict, to_dict
+from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
+from .build import build_autoencoder, load_strict
 from .checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 
@@ -88,10 +88,6 @@ def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *, pr
 
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
     """Load an autoencoder written by `train_autoencoder` (config from the file's metadata)."""
-    from ..config import from_dict
-    from ..models.autoencoder_kl import AutoencoderConfig
-    from .build import load_strict
-
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != "autoencoder_kl":
         raise ValueError(f"{path} is not an ldmkit autoencoder checkpoint (kind {meta.get('kind')!r})")

@@ -42,6 +42,26 @@ def churn(
     return x + z * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 
+def churned_derivative(
+    denoiser: SigmaDenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    i: int,
+    churn_args: dict[str, float],
+    generator: torch.Generator | None,
+    callback: Callable[[dict[str, Any]], None] | None,
+) -> tuple[Tensor, float, Tensor]:
+    """Algorithm 2, lines 4-7, shared by Euler and Heun: churn to sigma_hat, denoise, d = (x - D) / sigma_hat.
+
+    Returns (x at sigma_hat, sigma_hat, d) and reports the step to `callback`.
+    """
+    x, sigma_hat = churn(x, float(sigmas[i]), len(sigmas) - 1, generator=generator, **churn_args)
+    denoised = denoiser(x, sigma_batch(x, sigma_hat))
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
+
+
 @torch.no_grad()
 def sample_euler(
     denoiser: SigmaDenoiserFn,
@@ -61,20 +81,8 @@ def sample_euler(
     {"x", "i", "sigma", "sigma_hat", "denoised"} after every denoiser call.
     """
     n = len(sigmas) - 1
+    churn_args = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     for i in range(n):
-        x, sigma_hat = churn(
-            x,
-            float(sigmas[i]),
-            n,
-            s_churn=s_churn,
-            s_tmin=s_tmin,
-            s_tmax=s_tmax,
-            s_noise=s_noise,
-            generator=generator,
-        )
-        denoised = denoiser(x, sigma_batch(x, sigma_hat))
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = churned_derivative(denoiser, x, sigmas, i, churn_args, generator, callback)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..sigmas import sigma_batch, to_d
-from .euler import SigmaDenoiserFn, churn
+from .euler import SigmaDenoiserFn, churned_derivative
 
 
 @torch.no_grad()
@@ -39,21 +39,9 @@ def sample_heun(
     {"x", "i", "sigma", "sigma_hat", "denoised"} after the first denoiser call of every step.
     """
     n = len(sigmas) - 1
+    churn_args = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     for i in range(n):
-        x, sigma_hat = churn(
-            x,
-            float(sigmas[i]),
-            n,
-            s_churn=s_churn,
-            s_tmin=s_tmin,
-            s_tmax=s_tmax,
-            s_noise=s_noise,
-            generator=generator,
-        )
-        denoised = denoiser(x, sigma_batch(x, sigma_hat))
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = churned_derivative(denoiser, x, sigmas, i, churn_args, generator, callback)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt  # Euler step onto the clean sample
