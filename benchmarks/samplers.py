@@ -32,8 +32,8 @@ from ldmkit.diffusion.schedules import ddim_timesteps  # noqa: E402
 from ldmkit.diffusion.sigmas import discrete_sigmas  # noqa: E402
 
 SCHEDULE = NoiseSchedule.make("linear", 1000, 0.00085, 0.012)
-SAMPLER_NAMES = ["ddim", "plms", "euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m karras", "euler_ancestral",
-                 "dpmpp_2m_sde"]
+SAMPLER_NAMES = ["ddim", "plms", "euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m karras", "dpmpp_2m exponential",
+                 "euler_ancestral", "dpmpp_2m_sde"]
 NFES = [5, 10, 20, 50, 100, 200]
 DTYPE = torch.float64  # samplers run in float64 so that float32 rounding does not blur the discretisation error
 
@@ -270,6 +270,30 @@ def table(results: dict[tuple[str, int], Result], names: list[str], nfes: list[i
     return "\n".join(lines)
 
 
+TARGET_NAMES = ["dpmpp_2m", "dpmpp_2m karras", "dpmpp_2m exponential"]
+
+
+def target_report(results: dict[tuple[str, int], Result]) -> str:
+    """The issue's target, 'DPM-Solver++ 2M at 20 NFE at least as accurate as DDIM at 200 NFE', per 2M grid.
+
+    Two readings are printed. (a) error against x(sigma = 0) mixes integration error with where each sampler
+    ends (ddim at alpha_bar_0, the sigma samplers after the jump from sigma_min); (a') is integration error
+    alone, against the exact ODE to each sampler's own end. The exponential grid is uniform in log-SNR, the
+    step spacing the DPM-Solver++ paper prescribes for its solver.
+    """
+    d = results[("ddim", 200)]
+    lines = [f"target 'DPM-Solver++ 2M at 20 NFE at least as accurate as DDIM at 200 NFE' "
+             f"(ddim @ 200 NFE: (a) {d.ode_rms:.2e}, (a') {d.own_end_rms:.2e}):"]
+    for nm in TARGET_NAMES:
+        if (nm, 20) not in results:
+            continue
+        r = results[(nm, 20)]
+        va = "holds" if r.ode_rms <= d.ode_rms else "does not hold"
+        vb = "holds" if r.own_end_rms <= d.own_end_rms else "does not hold"
+        lines.append(f"  {nm} @ 20 NFE: (a) {r.ode_rms:.2e} {va}; (a') {r.own_end_rms:.2e} {vb}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced grid (a few seconds)")
@@ -325,16 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## (b) sliced Wasserstein-2 distance to true data, all samplers\n")
     print(table(results, names, nfes, "sw2"))
     print()
-    if ("dpmpp_2m", 20) in results and ("ddim", 200) in results:
-        a, b = results[("dpmpp_2m", 20)].ode_rms, results[("ddim", 200)].ode_rms
-        verdict = "HOLDS" if a <= b else "DOES NOT HOLD"
-        print(f"target 'DPM-Solver++ 2M at 20 NFE at least as accurate as DDIM at 200 NFE' (ODE error (a)): {verdict} "
-              f"({a:.2e} vs {b:.2e})")
-        for nm in ("dpmpp_2m", "dpmpp_2m karras"):
-            if (nm, 20) in results:
-                r = results[(nm, 20)]
-                print(f"  {nm} @ 20 NFE: (a) {r.ode_rms:.2e}, (a') {r.own_end_rms:.2e}; ddim @ 200 NFE: (a) {b:.2e}, "
-                      f"(a') {results[('ddim', 200)].own_end_rms:.2e}")
+    if ("ddim", 200) in results and any((nm, 20) in results for nm in TARGET_NAMES):
+        print(target_report(results))
     else:
         print("target 'DPM-Solver++ 2M at 20 NFE >= DDIM at 200 NFE': not evaluated on this grid")
     print(f"\ntotal time {time.perf_counter() - t_start:.1f} s (torch threads: {torch.get_num_threads()})")

@@ -25,6 +25,16 @@ def test_sample_writes_grid(tiny_run, tmp_path, capsys):
     rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "0,1", "--n", "3", "--steps", "3",
                "--out", str(tmp_path / "rows.png"), "--scale", "1"])
     assert rc == 0 and Image.open(tmp_path / "rows.png").size == (2 + 3 * 34, 2 + 2 * 34)  # a row per class
+    # guidance rescale changes the picture; phi = 0 is the plain guided sample
+    common = ["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "2", "--steps", "3", "--guidance", "4",
+              "--scale", "1"]
+    pix = {}
+    for phi in ("0", "0.7"):
+        assert main([*common, "--guidance-rescale", phi, "--out", str(tmp_path / f"r{phi}.png")]) == 0
+        pix[phi] = list(Image.open(tmp_path / f"r{phi}.png").getdata())
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert list(Image.open(tmp_path / "plain.png").getdata()) == pix["0"]
+    assert pix["0.7"] != pix["0"]
 
 
 @pytest.mark.parametrize(
@@ -38,6 +48,7 @@ def test_sample_writes_grid(tiny_run, tmp_path, capsys):
         (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
         (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
         (["--n", "0"], "--n must be >= 1"),
+        (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
         (["--eta", "-0.5"], "eta must be >= 0"),
         (["--out", "{tmp}/grid.txt"], "--out must end in .png"),
     ],

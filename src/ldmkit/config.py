@@ -83,6 +83,7 @@ class SamplingConfig:
     steps: int = 50
     eta: float = 0.0
     guidance: float = 3.0
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024; 0 = plain classifier-free guidance
 
 
 @dataclass

@@ -73,7 +73,7 @@ class LatentDiffusionPipeline:
         return self.cfg.data.resolution
 
     def check_params(self, classes: Sequence[int] | None, steps: int, guidance: float, eta: float | None,
-                     sampler: str | None = None) -> None:
+                     sampler: str | None = None, guidance_rescale: float = 0.0) -> None:
         if classes is not None:
             if self.n_classes == 0:
                 raise ValueError("this model is unconditional: it takes no class labels")
@@ -84,6 +84,8 @@ class LatentDiffusionPipeline:
             raise ValueError(f"steps must be between 1 and {self.parts.schedule.num_timesteps}, got {steps}")
         if not guidance >= 0 or guidance != guidance:
             raise ValueError(f"guidance must be a number >= 0, got {guidance}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if eta is not None and not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if sampler is not None:
@@ -99,21 +101,24 @@ class LatentDiffusionPipeline:
         guidance: float | None = None,
         eta: float | None = None,
         sampler: str | None = None,
+        guidance_rescale: float | None = None,
         seed: int = 0,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> Tensor:
         """Scaled latents for `classes` (one sample per entry) or `n` unconditional samples.
 
-        sampler, steps, guidance and eta default to the sampling section of the model's config (its eta only
-        goes with its sampler: another sampler without an explicit eta runs at its own default).
+        sampler, steps, guidance, guidance_rescale and eta default to the sampling section of the model's
+        config (its eta only goes with its sampler: another sampler without an explicit eta runs at its own
+        default).
         """
         sc = self.cfg.sampling
         steps = sc.steps if steps is None else steps
         guidance = sc.guidance if guidance is None else guidance
+        guidance_rescale = sc.guidance_rescale if guidance_rescale is None else guidance_rescale
         if eta is None and sampler is None:
             eta = sc.eta
         sampler = sc.sampler if sampler is None else sampler
-        self.check_params(classes, steps, guidance, eta, sampler)
+        self.check_params(classes, steps, guidance, eta, sampler, guidance_rescale)
         count = len(classes) if classes is not None else n
         if not count or count < 1:
             raise ValueError("nothing to sample: give classes or n >= 1")
@@ -124,7 +129,7 @@ class LatentDiffusionPipeline:
             y = torch.tensor([int(c) for c in classes], dtype=torch.long)
             cond = {"labels": y}
             uncond = {"labels": torch.full_like(y, self.n_classes)}  # the null class
-            fn = guided_denoiser(self.denoiser, cond, uncond, guidance)
+            fn = guided_denoiser(self.denoiser, cond, uncond, guidance, guidance_rescale)
         elif self.n_classes:
             null = {"labels": torch.full((count,), self.n_classes, dtype=torch.long)}
             fn = guided_denoiser(self.denoiser, null, None, 1.0)

@@ -53,6 +53,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
+        raise CLIError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise CLIError(f"--out must end in .png or .jpg, got {args.out}")
     pipe = LatentDiffusionPipeline.from_pretrained(args.checkpoint)
@@ -60,14 +62,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sc = pipe.cfg.sampling
     args.steps = sc.steps if args.steps is None else args.steps
     args.guidance = sc.guidance if args.guidance is None else args.guidance
+    args.guidance_rescale = sc.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
     if args.eta is None and args.sampler is None:
         args.eta = sc.eta  # the config's eta belongs to the config's sampler
     args.sampler = sc.sampler if args.sampler is None else args.sampler
     wanted = _parse_classes(args.class_, pipe.n_classes)
     classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
-    pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler)
+    pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
     images = pipe.sample(classes, args.n, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                         sampler=args.sampler, seed=args.seed)
+                         sampler=args.sampler, guidance_rescale=args.guidance_rescale, seed=args.seed)
     nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {path}")
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampling config)")
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 1 = off (default: the model's sampling config)")
+    s.add_argument("--guidance-rescale", type=float, default=None,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024), 0 = off (default: the model's config)")
     s.add_argument("--eta", type=float, default=None,
                    help="DDIM eta, 0 deterministic, 1 ancestral (default: the model's sampling config)")
     s.add_argument("--sampler", default=None,
