@@ -33,9 +33,37 @@ class ScheduleConfig:
 
 @dataclass
 class ConditioningConfig:
-    kind: str = "class"  # "class" (learned class embedding, cross-attention) or "none"
-    n_classes: int = 10  # real classes; index n_classes is the null class used for guidance
-    embed_dim: int = 64  # width of the class token = UNet context_dim
+    """The cond stage (LDM's `cond_stage_config`) and how its output enters the UNet (`conditioning_key`).
+
+    kind: "none" (unconditional); "class" (learned class embedding, `ClassEmbedder`); "clip" (SD 1.x
+    `FrozenCLIPEmbedder`, CLIP ViT-L/14 text model); "openclip" (SD 2.x `FrozenOpenCLIPEmbedder`, ViT-H-14 text
+    tower); "bert" (LD `BERTEmbedder`: text tokens, or layout tokens with use_tokenizer false); "image" (the
+    condition is an image given as is, e.g. the low-resolution input of super-resolution); "first_stage" (the
+    condition is encoded by the first stage, e.g. the masked image of inpainting); "rescaler" (LD
+    `SpatialRescaler`: a semantic map resized and mapped to out_channels by a 1x1 conv).
+    """
+
+    kind: str = "class"
+    key: str | None = None  # "crossattn", "concat" or "hybrid" (both); None = concat for image-like kinds
+    n_classes: int = 10  # class: real classes
+    null_class: bool = True  # class: one extra row, index n_classes, the "no label" class for guidance
+    embed_dim: int = 64  # class / bert: width of the context tokens = UNet context_dim
+    n_layer: int = 32  # bert: transformer depth
+    vocab_size: int = 30522  # bert: token vocabulary (30522 = BERT WordPiece; layout2img uses 8192)
+    max_seq_len: int = 77  # bert: context length
+    use_tokenizer: bool = True  # bert: texts are WordPiece-tokenised (else token ids are given)
+    layer: str = "last"  # clip / openclip: "last" or "penultimate" (SD 2.x) hidden state
+    n_stages: int = 1  # rescaler: number of x0.5 bilinear resizes
+    in_channels: int = 182  # rescaler: channels of the one-hot semantic map
+    out_channels: int = 3  # rescaler: channels after the 1x1 channel mapper
+
+    def resolved_key(self) -> str | None:
+        """How the condition is fed to the UNet: 'crossattn', 'concat', 'hybrid' or None (unconditional)."""
+        if self.kind == "none":
+            return None
+        if self.key is not None:
+            return self.key
+        return "concat" if self.kind in ("image", "first_stage", "rescaler") else "crossattn"
 
 
 @dataclass
@@ -98,6 +126,7 @@ class LDMConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     parameterization: str = "eps"  # what the UNet predicts: eps, x0 or v
     scale_factor: float | None = None  # latent scale; None = estimate 1/std from the first batch
+    checkpoint_ema: bool = False  # the checkpoint layout carries LitEma `model_ema.*` shadows of the UNet
 
 
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
@@ -170,6 +199,23 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return from_dict(LDMConfig, data)
+
+
+def load_first_stage_config(name_or_path: str | Path) -> AutoencoderConfig:
+    """A first-stage preset (`configs/first_stage/<name>.yaml`, e.g. "kl-f8", "vq-f4") or YAML path with an
+    `autoencoder:` section."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PRESET_DIR / "first_stage" / f"{name_or_path}.yaml"
+        if not p.exists():
+            names = sorted(q.stem for q in (PRESET_DIR / "first_stage").glob("*.yaml"))
+            raise ValueError(f"unknown first-stage preset {name_or_path!r}; available: {', '.join(names)}")
+    elif not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict) or "autoencoder" not in data:
+        raise ValueError(f"{p} has no 'autoencoder' section")
+    return from_dict(AutoencoderConfig, data["autoencoder"], "autoencoder")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .models.autoencoder_kl import AutoencoderKL
 from .models.distributions import DiagonalGaussianDistribution
+from .models.vq import VQModel
 
 
 def estimate_scale_factor(latents: Tensor) -> float:
@@ -26,7 +27,7 @@ def estimate_scale_factor(latents: Tensor) -> float:
 class LatentCodec(nn.Module):
     """Encode images to scaled latents and decode them back."""
 
-    def __init__(self, autoencoder: AutoencoderKL, scale_factor: float = 1.0) -> None:
+    def __init__(self, autoencoder: AutoencoderKL | VQModel, scale_factor: float = 1.0) -> None:
         super().__init__()
         if not scale_factor > 0:
             raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
@@ -55,9 +56,12 @@ class LatentCodec(nn.Module):
         return z * self.scale_factor
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latent sample z = s * (mean + std * noise), as LDM's `get_first_stage_encoding`."""
+        """Scaled latent z = s * (mean + std * noise), as LDM's `get_first_stage_encoding`; for a VQ first
+        stage the deterministic pre-quantisation latent (LDM's VQModelInterface.encode)."""
+        if isinstance(self.autoencoder, VQModel):
+            return self.scale(self.autoencoder.encode(x))
         return self.scale(self.posterior(x).sample(generator))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Scaled latent -> image."""
+        """Scaled latent -> image (a VQ first stage quantises the latent first, as LDM's decode_first_stage)."""
         return self.autoencoder.decode(z / self.scale_factor)

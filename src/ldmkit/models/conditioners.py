@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassEmbedder"]
+__all__ = ["ClassEmbedder", "SpatialRescaler"]
 
 
 class ClassEmbedder(nn.Module):
@@ -37,3 +37,30 @@ class ClassEmbedder(nn.Module):
                 f"(all bad labels: {y[bad].tolist()})"
             )
         return self.embedding(y.long())[:, None, :]  # [B, 1, embed_dim]
+
+
+class SpatialRescaler(nn.Module):
+    """LDM's semantic-synthesis cond stage: resize a (one-hot) map n_stages times by `multiplier`, then map its
+    channels with a bias-free 1x1 conv, so that it can be concatenated to the latent (`conditioning_key` concat).
+
+    The only parameter is ``channel_mapper.weight`` [out_channels, in_channels, 1, 1], the reference key.
+    """
+
+    def __init__(self, n_stages: int = 1, in_channels: int = 3, out_channels: int | None = None,
+                 multiplier: float = 0.5, method: str = "bilinear", bias: bool = False) -> None:
+        super().__init__()
+        if n_stages < 0:
+            raise ValueError(f"n_stages must be >= 0, got {n_stages}")
+        if method not in ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area"):
+            raise ValueError(f"unknown interpolation method {method!r}")
+        self.n_stages, self.multiplier, self.method = n_stages, multiplier, method
+        self.in_channels = in_channels
+        self.channel_mapper = None if out_channels is None else nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, in_channels, H, W] -> [B, out_channels, H * m^n, W * m^n]."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SpatialRescaler expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        for _ in range(self.n_stages):
+            x = nn.functional.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        return x if self.channel_mapper is None else self.channel_mapper(x)

@@ -15,12 +15,16 @@ from torch import Tensor, nn
 from ..config import LDMConfig
 from ..diffusion import NoiseSchedule
 from ..models.autoencoder_kl import AutoencoderKL
-from ..models.conditioners import ClassEmbedder
+from ..models.conditioners import ClassEmbedder, SpatialRescaler
 from ..models.unet import UNetModel
+from ..models.vq import VQModel
+
+FirstStage = AutoencoderKL | VQModel
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."
+EMA_PREFIX = "model_ema."
 
 
 def build_schedule(cfg: LDMConfig) -> NoiseSchedule:
@@ -28,26 +32,45 @@ def build_schedule(cfg: LDMConfig) -> NoiseSchedule:
     return NoiseSchedule.make(s.kind, s.num_timesteps, s.linear_start, s.linear_end)
 
 
-def build_autoencoder(cfg: LDMConfig) -> AutoencoderKL:
-    return AutoencoderKL(cfg.autoencoder)
+def build_autoencoder(cfg: LDMConfig) -> FirstStage:
+    return VQModel(cfg.autoencoder) if cfg.autoencoder.kind == "vq" else AutoencoderKL(cfg.autoencoder)
 
 
 def build_unet(cfg: LDMConfig) -> UNetModel:
     return UNetModel(cfg.unet)
 
 
-def build_conditioner(cfg: LDMConfig) -> ClassEmbedder | None:
+def build_conditioner(cfg: LDMConfig) -> nn.Module | None:
+    """The cond stage module (None when it has no weights: unconditional, image or first-stage conditions)."""
     c = cfg.conditioning
-    if c.kind == "none":
+    if c.kind in ("none", "image", "first_stage"):
         return None
     if c.kind == "class":
-        if cfg.unet.context_dim != c.embed_dim:
+        if c.resolved_key() in ("crossattn", "hybrid") and cfg.unet.context_dim != c.embed_dim:
             raise ValueError(
                 f"conditioning.embed_dim ({c.embed_dim}) must equal unet.context_dim ({cfg.unet.context_dim})"
             )
-        # one extra row: the null class that stands for "no label" under classifier-free guidance
-        return ClassEmbedder(c.n_classes + 1, c.embed_dim)
-    raise ValueError(f"unknown conditioning kind {c.kind!r}; choose 'class' or 'none'")
+        # with null_class, one extra row stands for "no label" under classifier-free guidance
+        return ClassEmbedder(c.n_classes + int(c.null_class), c.embed_dim)
+    if c.kind == "rescaler":
+        return SpatialRescaler(n_stages=c.n_stages, in_channels=c.in_channels, out_channels=c.out_channels)
+    if c.kind == "bert":
+        from ..models.text_bert import BERTEmbedder
+
+        return BERTEmbedder(n_embed=c.embed_dim, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                            max_seq_len=c.max_seq_len, use_tokenizer=c.use_tokenizer)
+    if c.kind == "clip":
+        from ..models.text_clip import FrozenCLIPEmbedder
+
+        return FrozenCLIPEmbedder()
+    if c.kind == "openclip":
+        from ..models.text_clip import FrozenOpenCLIPEmbedder
+
+        return FrozenOpenCLIPEmbedder(layer=c.layer)
+    raise ValueError(
+        f"unknown conditioning kind {c.kind!r}; "
+        "choose none, class, clip, openclip, bert, image, first_stage or rescaler"
+    )
 
 
 @dataclass
@@ -55,9 +78,10 @@ class LDMParts:
     """The modules of a latent diffusion model, as a checkpoint holds them."""
 
     unet: UNetModel
-    autoencoder: AutoencoderKL
-    conditioner: ClassEmbedder | None
+    autoencoder: FirstStage
+    conditioner: nn.Module | None
     schedule: NoiseSchedule
+    ema_unet: UNetModel | None = None  # written as LitEma `model_ema.*` shadows when present
 
 
 def ldm_state_dict(parts: LDMParts) -> dict[str, Tensor]:
@@ -68,6 +92,25 @@ def ldm_state_dict(parts: LDMParts) -> dict[str, Tensor]:
     if parts.conditioner is not None:
         out.update({COND_STAGE_PREFIX + k: v for k, v in parts.conditioner.state_dict().items()})
     out.update(parts.schedule.buffers())
+    if parts.ema_unet is not None:
+        out.update(ema_state_of(parts.ema_unet))
+    return out
+
+
+def ema_name(unet_key: str) -> str:
+    """LitEma's shadow name of UNet parameter `unet_key` (module level, e.g. 'input_blocks.0.0.weight').
+
+    LitEma names each shadow after the parameter of LatentDiffusion.model (the DiffusionWrapper) with every
+    dot removed: `diffusion_model.input_blocks.0.0.weight` -> `diffusion_modelinput_blocks00weight`.
+    """
+    return ("diffusion_model." + unet_key).replace(".", "")
+
+
+def ema_state_of(unet: nn.Module, *, decay: float = 0.9999, num_updates: int = 0) -> dict[str, Tensor]:
+    """LitEma-style `model_ema.*` entries holding the parameters of `unet` (an EMA copy of the UNet)."""
+    out = {EMA_PREFIX + ema_name(n): p.detach().clone() for n, p in unet.named_parameters()}
+    out[EMA_PREFIX + "decay"] = torch.tensor(decay, dtype=torch.float32)
+    out[EMA_PREFIX + "num_updates"] = torch.tensor(num_updates, dtype=torch.int32)
     return out
 
 

@@ -48,8 +48,15 @@ class Denoiser(nn.Module):
         self.unet = unet
         self.conditioner = conditioner
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        context = None if self.conditioner is None or labels is None else self.conditioner(labels)
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, context: Tensor | None = None,
+                concat: Tensor | None = None) -> Tensor:
+        """labels go through the conditioner; `context` (cross-attention tokens, e.g. precomputed text
+        embeddings) and `concat` (channels stacked onto x: LDM's conditioning_key "concat"/"hybrid") are
+        passed as they are."""
+        if context is None and labels is not None and self.conditioner is not None:
+            context = self.conditioner(labels)
+        if concat is not None:
+            x = torch.cat([x, concat], dim=1)  # [B, C + C_cond, h, w]
         return self.unet(x, t, context=context)
 
 

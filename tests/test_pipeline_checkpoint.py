@@ -1,0 +1,93 @@
+"""The inference pipeline on original-format checkpoints: Lightning .ckpt files of our own runs, and a
+text-conditioned (LD BERT) model sampled from prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldmkit.config import ConditioningConfig, load_config
+from ldmkit.pipeline import LatentDiffusionPipeline
+from ldmkit.training.build import (
+    LDMParts,
+    build_autoencoder,
+    build_conditioner,
+    build_schedule,
+    build_unet,
+    ldm_state_dict,
+)
+
+
+def test_lightning_ckpt_of_a_run_samples_the_same_images(tiny_run: Path, tmp_path: Path) -> None:
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_run)
+    # the run's weights already use the CompVis layout: wrapped as a Lightning pickle they are an "original" file
+    tensors = load_file(str(tiny_run / "ldm.safetensors"))
+    torch.save({"state_dict": tensors, "global_step": 150}, tmp_path / "last.ckpt")
+    theirs = LatentDiffusionPipeline.from_checkpoint(tmp_path / "last.ckpt", config=ours.cfg)
+    theirs.codec.scale_factor = ours.codec.scale_factor  # scale_by_std: the factor lives in the run's metadata
+    a = ours.sample([1, 7], steps=4, guidance=2.0, seed=3)
+    b = theirs.sample([1, 7], steps=4, guidance=2.0, seed=3)
+    assert torch.equal(a, b)
+    # `load` tells the two kinds of file apart
+    assert LatentDiffusionPipeline.load(tiny_run).cfg == ours.cfg
+    with pytest.raises(ValueError, match="only apply to original checkpoints"):
+        LatentDiffusionPipeline.load(tiny_run, use_ema=True)
+
+
+@pytest.fixture(scope="module")
+def bert_ckpt(tmp_path_factory) -> tuple[Path, object]:
+    cfg = load_config("mnist_tiny")
+    cfg.conditioning = ConditioningConfig(kind="bert", embed_dim=32, n_layer=1, max_seq_len=77)
+    cfg.scale_factor = 1.0
+    torch.manual_seed(0)
+    parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg), build_schedule(cfg))
+    with torch.no_grad():  # the UNet's zero-initialised output layers would hide the text: use random weights
+        for p in parts.unet.parameters():
+            p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("bert") / "txt2img.ckpt"
+    torch.save({"state_dict": ldm_state_dict(parts)}, path)
+    return path, cfg
+
+
+def test_text_model_tokenizes_like_bert_and_prompts_steer_samples(bert_ckpt) -> None:
+    path, cfg = bert_ckpt
+    pipe = LatentDiffusionPipeline.from_checkpoint(path, config=cfg)
+    assert pipe.takes_prompts
+    ids = pipe.tokenize(["a photo of a cat"])
+    assert ids.shape == (1, 77)
+    assert ids[0, :7].tolist() == [101, 1037, 6302, 1997, 1037, 4937, 102]  # bert-base-uncased WordPiece ids
+    assert int(ids[0, 7:].abs().sum()) == 0
+    kw = dict(steps=3, guidance=4.0, seed=5)
+    cat = pipe.sample(prompts=["a cat", "a cat"], **kw)
+    assert cat.shape == (2, 1, 32, 32) and bool(((cat >= -1) & (cat <= 1)).all())
+    assert torch.equal(cat, pipe.sample(prompts=["a cat", "a cat"], **kw))
+    dog = pipe.sample(prompts=["a dog", "a cat"], **kw)
+    assert not torch.allclose(dog[0], cat[0]) and torch.allclose(dog[1], cat[1], atol=1e-6)
+    neg = pipe.sample(prompts=["a cat", "a cat"], negative_prompt="blurry", **kw)
+    assert not torch.allclose(neg, cat)
+    with pytest.raises(ValueError, match="takes no class labels"):
+        pipe.sample([1], steps=2)
+    with pytest.raises(ValueError, match="give prompts"):
+        pipe.sample(n=2, steps=2)
+    with pytest.raises(ValueError, match="prompts must be strings"):
+        pipe.tokenize([3])  # type: ignore[list-item]
+
+
+def test_cli_samples_a_prompt_from_an_original_checkpoint(bert_ckpt, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from ldmkit.cli.main import main
+    from ldmkit.config import to_dict
+
+    path, cfg = bert_ckpt
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(cfg)))
+    out = tmp_path / "g.png"
+    assert main(["sample", "--checkpoint", str(path), "--config", str(cfg_path), "--prompt", "a red car", "--n", "2",
+                 "--steps", "2", "--out", str(out), "--scale", "1"]) == 0
+    assert out.exists() and "wrote 2 samples" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(path), "--config", str(cfg_path), "--out", str(out)]) != 0
+    assert "give --prompt" in capsys.readouterr().err
