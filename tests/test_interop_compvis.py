@@ -143,6 +143,24 @@ def test_synthetic_lightning_ckpt_detects_and_fits(tmp_path: Path, name: str, em
         assert load_ldm_checkpoint(other, check_only=True, prediction="v").config.parameterization == "v"
 
 
+@pytest.mark.parametrize("name", sorted(LDM_MANIFESTS))
+def test_synthetic_safetensors_detects_and_fits(tmp_path: Path, name: str) -> None:
+    # real bytes for every tensor (1-byte float8, so SD v1 is a 1 GB file), EMA shadows included where the
+    # model has them; removed at the end so repeated runs do not pile up gigabytes in pytest's temp dirs
+    m = manifest(name)
+    state = {k: torch.zeros(v.shape, dtype=torch.float8_e4m3fn if v.is_floating_point() else v.dtype)
+             for k, v in synthetic_state(m, ema=True).items()}
+    state.update(build_schedule(ldm_config_from_compvis(m["config"])).buffers())
+    path = tmp_path / ("768-v-ema.safetensors" if name == "sd_v2_v" else f"{name}.safetensors")
+    save_file(state, str(path))
+    try:
+        has_ema = any(k.startswith("model_ema.") for k in state)
+        loaded = load_ldm_checkpoint(path, check_only=True, use_ema=has_ema)
+        assert loaded.variant.preset == LDM_MANIFESTS[name] and loaded.used_ema == has_ema
+    finally:
+        path.unlink()
+
+
 @pytest.mark.parametrize("name", sorted(FIRST_STAGE_MANIFESTS))
 def test_first_stage_file_with_loss_keys_detects(tmp_path: Path, name: str) -> None:
     m = manifest(name)

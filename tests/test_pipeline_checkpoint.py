@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ldmkit.config import ConditioningConfig, load_config
@@ -77,8 +78,6 @@ def test_text_model_tokenizes_like_bert_and_prompts_steer_samples(bert_ckpt) -> 
 
 
 def test_cli_samples_a_prompt_from_an_original_checkpoint(bert_ckpt, tmp_path: Path, capsys) -> None:
-    import yaml
-
     from ldmkit.cli.main import main
     from ldmkit.config import to_dict
 
@@ -91,3 +90,55 @@ def test_cli_samples_a_prompt_from_an_original_checkpoint(bert_ckpt, tmp_path: P
     assert out.exists() and "wrote 2 samples" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(path), "--config", str(cfg_path), "--out", str(out)]) != 0
     assert "give --prompt" in capsys.readouterr().err
+
+
+def test_sd1_style_checkpoint_samples_from_a_prompt_with_the_clip_text_model(tmp_path: Path, capsys) -> None:
+    """SD 1.x layout at toy UNet/VAE size but the real CLIP ViT-L/14 text model shape (random weights)."""
+    from ldmkit.cli.main import main
+    from ldmkit.config import to_dict
+
+    cfg = load_config("sd-v1")
+    cfg.unet.model_channels, cfg.unet.channel_mult, cfg.unet.attention_resolutions = 32, (1, 2), (1,)
+    cfg.unet.num_res_blocks, cfg.unet.num_heads, cfg.unet.use_checkpoint = 1, 2, False
+    ae = cfg.autoencoder
+    ae.ch, ae.ch_mult, ae.num_res_blocks = 32, (1, 2), 1
+    cfg.data.resolution = 32
+    torch.manual_seed(0)
+    parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg), build_schedule(cfg))
+    with torch.no_grad():
+        for p in parts.unet.parameters():
+            p.normal_(0, 0.05)
+    ckpt = tmp_path / "sd-tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ldm_state_dict(parts).items()}, str(ckpt))
+    pipe = LatentDiffusionPipeline.from_checkpoint(ckpt, config=cfg)
+    ids = pipe.tokenize(["a photo of a cat"])
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert bool((ids[0, 7:] == 49407).all())  # SD 1.x pads with the end token
+    kw = dict(steps=2, guidance=7.5, seed=1)
+    a = pipe.sample(prompts=["a photo of a cat"], **kw)
+    b = pipe.sample(prompts=["an oil painting of a ship"], **kw)
+    assert a.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
+    pipe.cfg.conditioning.key = "hybrid"  # an inpainting model needs its image and mask: said, not crashed
+    with pytest.raises(ValueError, match="also takes an image"):
+        pipe.sample(prompts=["x"], steps=1)
+    pipe.cfg.conditioning.key = None
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(cfg)))
+    out = tmp_path / "cat.png"
+    assert main(["sample", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--prompt", "a photo of a cat",
+                 "--n", "1", "--steps", "2", "--guidance", "7.5", "--seed", "1", "--out", str(out),
+                 "--scale", "1"]) == 0
+    assert out.exists()
+    # export to a diffusers folder from the same command line; a second run refuses to overwrite
+    folder = tmp_path / "diffusers"
+    assert main(["export", str(ckpt), str(folder), "--config", str(cfg_path)]) == 0
+    assert "StableDiffusionPipeline" in capsys.readouterr().out
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in folder.iterdir()}
+    assert main(["export", str(ckpt), str(folder), "--config", str(cfg_path)]) == 1
+    assert "overwrite" in capsys.readouterr().err
+    # a missing tokenizer file is named
+    assert main(["sample", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--prompt", "x", "--steps", "1",
+                 "--tokenizer", str(tmp_path / "nope.txt.gz"), "--out", str(out)]) == 1
+    assert "nope.txt.gz" in capsys.readouterr().err

@@ -194,9 +194,12 @@ class LatentDiffusionPipeline:
             raise ValueError("give classes or prompts, not both")
         if prompts is None and self.takes_prompts:
             raise ValueError("this is a text-to-image model: give prompts")
-        if self.conditioning in ("image", "first_stage", "rescaler"):
-            raise ValueError(f"this model is conditioned on an image ({self.conditioning}); "
-                             "image-conditioned sampling is not available from this pipeline yet")
+        if self.conditioning in ("image", "first_stage", "rescaler") or self.cfg.conditioning.resolved_key() in (
+            "concat", "hybrid"
+        ):
+            raise ValueError(f"this model also takes an image (conditioning {self.conditioning!r}, key "
+                             f"{self.cfg.conditioning.resolved_key()!r}: super-resolution, inpainting or semantic "
+                             "maps); image-conditioned sampling is not available from this pipeline yet")
         count = len(prompts) if prompts is not None else (len(classes) if classes is not None else n)
         if not count or count < 1:
             raise ValueError("nothing to sample: give classes, prompts or n >= 1")

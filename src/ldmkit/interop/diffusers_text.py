@@ -31,7 +31,7 @@ def _transformers_version() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Text encoder and tokenizer
+# Text encoder
 
 
 def _clip_text_config(
@@ -61,24 +61,27 @@ def _clip_text_config(
     }
 
 
-def _installed_clip_layout(config: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Key ``state`` (names without ``text_model.``) as the installed transformers' ``CLIPTextModel`` names them.
+def _clip_text_layout(config: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Key ``state`` (names without ``text_model.``) in the transformers 4.x ``CLIPTextModel`` layout.
 
-    transformers 4.x keeps a ``text_model.`` level, transformers 5 does not. Without transformers installed the
-    4.x layout is written (transformers 5 also reads it).
+    transformers 4.x names the weights ``text_model.<name>``; transformers 5 names them ``<name>`` and strips a
+    ``text_model.`` prefix when loading, so the 4.x layout, written whatever version is installed, loads in both.
+    When transformers is installed, its ``CLIPTextModel`` is built on the meta device and its key set and shapes
+    are checked against the export (the prefix added to its keys where that version does not have it).
     """
+    prefixed = {"text_model." + k: v for k, v in state.items()}
     try:
         from transformers import CLIPTextConfig, CLIPTextModel
     except ImportError:
-        return {"text_model." + k: v for k, v in state.items()}
+        return prefixed
     kwargs = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**kwargs))
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    if set(expected) == set(state):
-        _compare_states("transformers CLIPTextModel", expected, state)
-        return dict(state)
-    prefixed = {"text_model." + k: v for k, v in state.items()}
+    expected = {
+        k if k.startswith("text_model.") else "text_model." + k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith("position_ids")
+    }
     _compare_states("transformers CLIPTextModel", expected, prefixed)
     return prefixed
 
@@ -119,7 +122,7 @@ def text_encoder_to_diffusers(conditioner: torch.nn.Module) -> tuple[dict[str, A
             out[name] = value
         config = _clip_text_config(vocab=tc.vocab_size, width=tc.width, layers=tc.layers, heads=tc.heads,
                                    mlp=tc.mlp_width, positions=tc.max_positions, act=tc.act, eps=tc.eps, proj=tc.width)
-        return config, _installed_clip_layout(config, out), "<|endoftext|>"
+        return config, _clip_text_layout(config, out), "<|endoftext|>"
     if isinstance(conditioner, FrozenOpenCLIPEmbedder):
         oc = conditioner.model.config
         keep = oc.layers - conditioner.layer_idx  # blocks whose output SD reads (23 of 24 for "penultimate")
@@ -156,8 +159,12 @@ def text_encoder_to_diffusers(conditioner: torch.nn.Module) -> tuple[dict[str, A
         config = _clip_text_config(vocab=oc.vocab_size, width=oc.width, layers=keep, heads=oc.heads,
                                    mlp=oc.mlp_width, positions=oc.context_length, act=oc.act, eps=oc.eps,
                                    proj=oc.embed_dim)
-        return config, _installed_clip_layout(config, out), "!"
+        return config, _clip_text_layout(config, out), "!"
     raise ValueError(f"no transformers text encoder for a {type(conditioner).__name__} conditioner")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
 
 
 def tokenizer_files(pad_token: str, *, bpe_vocab: str | Path | None = None, max_length: int = 77) -> dict[str, str]:

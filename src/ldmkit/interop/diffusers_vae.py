@@ -17,10 +17,6 @@ from .diffusers_unet import _check_against_diffusers, _diffusers_version, _Renam
 __all__ = ["vae_to_diffusers"]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# KL autoencoder
-
-
 _AE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _AE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
