@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..training.build import COND_STAGE_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, ema_name
+from ..training.checkpoint import KeyReport, compare_state
 
 EMA_SCALARS = ("decay", "num_updates")
 SCHEDULE_BUFFERS = (
@@ -90,35 +91,6 @@ def ema_unet_state(parts: CheckpointParts, unet: nn.Module) -> dict[str, Tensor]
 # ------------------------------------------------------------------------------------------ strict loading
 
 
-@dataclass
-class KeyReport:
-    """What differs between a part of a checkpoint and the module meant to hold it."""
-
-    part: str
-    missing: list[str] = field(default_factory=list)  # in the model, not in the file
-    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, file, model
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def format(self, limit: int = 8) -> str:
-        lines = [f"{self.part}:"]
-
-        def block(title: str, items: list[str]) -> None:
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {s}" for s in items[:limit])
-                if len(items) > limit:
-                    lines.append(f"    ... and {len(items) - limit} more")
-
-        block("missing (the model needs them, the file lacks them)", self.missing)
-        block("unexpected (in the file, unknown to the model)", self.unexpected)
-        block("of another shape (file vs model)", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched])
-        return "\n".join(lines)
-
-
 class CheckpointMismatchError(ValueError):
     """Strict loading failed; the message is a readable report of every part that does not fit."""
 
@@ -129,16 +101,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def compare_keys(module: nn.Module, state: dict[str, Tensor], part: str) -> KeyReport:
-    own = module.state_dict()
-    report = KeyReport(part)
-    report.missing = sorted(set(own) - set(state))
-    report.unexpected = sorted(set(state) - set(own))
-    report.mismatched = [
-        (k, tuple(state[k].shape), tuple(own[k].shape))
-        for k in sorted(own.keys() & state.keys())
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    ]
-    return report
+    return compare_state(module.state_dict(), state, part)
 
 
 def load_parts_strict(pairs: list[tuple[str, nn.Module | None, dict[str, Tensor]]], what: str = "checkpoint",

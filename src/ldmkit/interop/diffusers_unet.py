@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..models.unet import UNetConfig
+from ..training.checkpoint import compare_state
 
 __all__ = ["unet_to_diffusers"]
 
@@ -92,19 +93,9 @@ def _check_against_diffusers(class_name: str, config: dict[str, Any], state: Map
 
 
 def _compare_states(what: str, expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> None:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
-    if missing or unexpected or shapes:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:3]}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            details.append(f"shape of {k}: {tuple(got[k].shape)} vs {tuple(expected[k].shape)}")
-        raise RuntimeError(f"internal error: converted weights do not fit {what}: " + "; ".join(details))
+    report = compare_state(expected, got, what)
+    if not report.ok:
+        raise RuntimeError(f"internal error: converted weights do not fit {what}: {report.summary()}")
 
 
 # ----------------------------------------------------------------------------------------------------------

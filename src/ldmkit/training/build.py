@@ -18,6 +18,7 @@ from ..models.autoencoder_kl import AutoencoderKL
 from ..models.conditioners import ClassEmbedder, SpatialRescaler
 from ..models.unet import UNetModel
 from ..models.vq import VQModel
+from .checkpoint import compare_state
 
 FirstStage = AutoencoderKL | VQModel
 
@@ -120,20 +121,8 @@ def split_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """load_state_dict(strict=True) with an error that names the part and the offending keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
-                         f"{tuple(own[k].shape)} in the model)")
-        raise ValueError(f"{what} weights do not fit the configured model: " + "; ".join(parts))
+    report = compare_state(module.state_dict(), state, what)
+    if not report.ok:
+        raise ValueError(f"{what} weights do not fit the configured model: {report.summary()}")
     with torch.no_grad():
         module.load_state_dict(state, strict=True)

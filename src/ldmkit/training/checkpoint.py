@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,59 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"{path} is not a training-state checkpoint")
     skeleton = meta.pop("state")
     return unpack_state(tensors, skeleton), meta
+
+
+# ------------------------------------------------------------------------------- does a state dict fit?
+
+
+@dataclass
+class KeyReport:
+    """How a state dict differs from the one a module (or a converter) expects."""
+
+    part: str
+    missing: list[str] = field(default_factory=list)  # expected, absent from the state
+    unexpected: list[str] = field(default_factory=list)  # in the state, not expected
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, got, expected
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        """One line: counts with one example each."""
+        out = []
+        if self.missing:
+            out.append(f"{len(self.missing)} missing (e.g. {self.missing[0]})")
+        if self.unexpected:
+            out.append(f"{len(self.unexpected)} unexpected (e.g. {self.unexpected[0]})")
+        if self.mismatched:
+            k, got, want = self.mismatched[0]
+            out.append(f"{len(self.mismatched)} of another shape (e.g. {k}: {got} in the file, {want} in the model)")
+        return "; ".join(out)
+
+    def format(self, limit: int = 8) -> str:
+        """Several lines: every difference, up to `limit` per kind."""
+        lines = [f"{self.part}:"]
+
+        def block(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines.extend(f"    {s}" for s in items[:limit])
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more")
+
+        block("missing (the model needs them, the file lacks them)", self.missing)
+        block("unexpected (in the file, unknown to the model)", self.unexpected)
+        block("of another shape (file vs model)", [f"{k}: {a} vs {b}" for k, a, b in self.mismatched])
+        return "\n".join(lines)
+
+
+def compare_state(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], part: str) -> KeyReport:
+    """Compare key sets and shapes (not values) of `got` against `expected`."""
+    return KeyReport(
+        part,
+        missing=sorted(set(expected) - set(got)),
+        unexpected=sorted(set(got) - set(expected)),
+        mismatched=[(k, tuple(got[k].shape), tuple(expected[k].shape)) for k in sorted(expected.keys() & got.keys())
+                    if tuple(expected[k].shape) != tuple(got[k].shape)],
+    )
