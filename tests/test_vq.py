@@ -326,8 +326,9 @@ def test_tiny_vq_model_learns_to_reconstruct_mnist():
     # L1 of the best constant image (the per-pixel median): a model must beat it to carry information.
     constant_l1 = (x - x.median(0, keepdim=True).values).abs().mean().item()
     model = VQModel(_tiny_config())
-    # VQGAN's Adam betas; MSE converges much faster than L1 within 100 steps
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    # VQGAN's Adam betas; MSE converges much faster than L1 within 150 steps
+    # (lr 2e-3 for 100 steps landed at 0.071 or 0.126 depending on the thread count: too close to the bar)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
 
     def eval_l1() -> tuple[float, float]:
         model.eval()
@@ -337,7 +338,7 @@ def test_tiny_vq_model_learns_to_reconstruct_mnist():
         return (rec - x).abs().mean().item(), info.usage.item()
 
     initial_l1, _ = eval_l1()
-    for _ in range(100):
+    for _ in range(150):
         rec, codebook_loss, _ = model(x)
         loss = F.mse_loss(rec, x) + codebook_loss
         opt.zero_grad()

@@ -101,7 +101,38 @@ FIRST_STAGE_KINDS = ("kl", "vq")
 _NON_DDCONFIG_FIELDS = ("embed_dim", "extra", "kind", "n_embed", "beta", "legacy", "ema_decay", "restart_dead_codes")
 
 
-class AutoencoderKL(nn.Module):
+class FirstStage(nn.Module):
+    """What KL and VQ first stages share: the factor f, the latent width, and the input checks."""
+
+    config: AutoencoderConfig
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction f: an (H, W) image maps to an (H/f, W/f) latent."""
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the diffusion model sees (``embed_dim``)."""
+        return self.config.embed_dim
+
+    def _check_image(self, x: Tensor) -> None:
+        f, name = self.downsample_factor, type(self).__name__
+        if x.dim() != 4:
+            raise ValueError(f"{name}.encode expects a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"{name}.encode expects {self.config.in_channels} input channels, "
+                f"got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        h, w = x.shape[-2:]
+        if h % f != 0 or w % f != 0:
+            raise ValueError(
+                f"{name}.encode needs height and width divisible by the downsampling factor {f}, got {h}x{w}"
+            )
+
+
+class AutoencoderKL(FirstStage):
     """Encoder/decoder pair with a diagonal-Gaussian posterior over a ``(embed_dim, H/f, W/f)`` latent."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
@@ -115,34 +146,6 @@ class AutoencoderKL(nn.Module):
         # 1x1 convs between the trunk's bottleneck width and the latent width embed_dim.
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Spatial reduction f: an (H, W) image maps to an (H/f, W/f) latent."""
-        return 2 ** (len(self.config.ch_mult) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the latent z (``embed_dim``)."""
-        return self.config.embed_dim
-
-    def _check_image(self, x: Tensor) -> None:
-        f = self.downsample_factor
-        if x.dim() != 4:
-            raise ValueError(
-                f"AutoencoderKL.encode expects a (B, C, H, W) image batch, got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"AutoencoderKL.encode expects {self.config.in_channels} input channels, "
-                f"got {x.shape[1]} (shape {tuple(x.shape)})"
-            )
-        h, w = x.shape[-2:]
-        if h % f != 0 or w % f != 0:
-            raise ValueError(
-                f"AutoencoderKL.encode needs height and width divisible by the downsampling factor {f}, "
-                f"got {h}x{w}"
-            )
 
     def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
         """Image (B, in_channels, H, W) -> posterior q(z | x) over (B, embed_dim, H/f, W/f)."""

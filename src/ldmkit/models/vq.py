@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.models.ae_modules import Decoder, Encoder
-from ldmkit.models.autoencoder_kl import AutoencoderConfig
+from ldmkit.models.autoencoder_kl import AutoencoderConfig, FirstStage
 
 
 class QuantizeInfo(NamedTuple):
@@ -160,7 +160,7 @@ class VectorQuantizer(nn.Module):
         return z_q.view(shape).permute(0, 3, 1, 2).contiguous()  # (B, H, W, D) -> (B, D, H, W)
 
 
-class VQModel(nn.Module):
+class VQModel(FirstStage):
     """Encoder/decoder pair with a K-entry codebook between them (CompVis VQModel / VQModelInterface)."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
@@ -184,31 +184,6 @@ class VQModel(nn.Module):
         # 1x1 convs between the trunk's bottleneck width and the code width embed_dim.
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Spatial reduction f: an (H, W) image maps to an (H/f, W/f) latent."""
-        return 2 ** (len(self.config.ch_mult) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the latent h and of the codes (``embed_dim``)."""
-        return self.config.embed_dim
-
-    def _check_image(self, x: Tensor) -> None:
-        f = self.downsample_factor
-        if x.dim() != 4:
-            raise ValueError(f"VQModel.encode expects a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"VQModel.encode expects {self.config.in_channels} input channels, "
-                f"got {x.shape[1]} (shape {tuple(x.shape)})"
-            )
-        h, w = x.shape[-2:]
-        if h % f != 0 or w % f != 0:
-            raise ValueError(
-                f"VQModel.encode needs height and width divisible by the downsampling factor {f}, got {h}x{w}"
-            )
 
     def encode(self, x: Tensor) -> Tensor:
         """Image (B, in_channels, H, W) -> pre-quantisation latent h (B, embed_dim, H/f, W/f)."""
