@@ -271,6 +271,7 @@ def test_code_execution_payload_is_refused_and_never_runs(tmp_path: Path) -> Non
     from ldmkit.cli.main import main
 
     assert main(["info", str(path)]) == 1
+    assert main(["sample", "--checkpoint", str(path), "--prompt", "x", "--out", str(tmp_path / "g.png")]) == 1
     assert not marker.exists()
     # a legacy (non-zip) pickle with the payload is refused too
     legacy = tmp_path / "legacy.ckpt"
