@@ -77,13 +77,29 @@ class DataConfig:
 
 @dataclass
 class AutoencoderTrainConfig:
+    """Stage 1 as LD trains it (`LPIPSWithDiscriminator` / `VQLPIPSWithDiscriminator`): pixel + perceptual
+    reconstruction loss, KL or codebook regulariser, and a patch-GAN switched on at `disc_start`."""
+
     steps: int = 2000  # optimiser steps
     batch_size: int = 64
     lr: float = 1e-3  # peak learning rate (cosine decay to lr_min_ratio * lr)
     lr_min_ratio: float = 0.05
     warmup_steps: int = 100
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of both optimisers (the reference's)
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), summed over latent elements (LDM: 1e-6)
-    pixel_loss: str = "l1"  # "l1" (LDM) or "l1+l2"
+    codebook_weight: float = 1.0  # VQ: weight of the codebook + commitment loss
+    pixel_loss: str = "l1"  # "l1" (LDM) or "l2"
+    learn_logvar: bool = False  # LD's KL autoencoder never optimises its `logvar` (it is not in opt_ae)
+    logvar_init: float = 0.0
+    perceptual_weight: float = 1.0  # LPIPS term; used only when lpips_vgg and lpips_lin are given
+    lpips_vgg: str | None = None  # torchvision VGG16 state dict (vgg16-397923af.pth), a local file
+    lpips_lin: str | None = None  # the lpips package's linear heads (weights/v0.1/vgg.pth), a local file
+    disc_start: int | None = None  # step at which the patch-GAN term starts; None = no discriminator
+    disc_weight: float = 0.5  # multiplies the adaptive weight (kl-f8: 0.5; vq-f4: 0.75)
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # or "vanilla"
+    disc_num_layers: int = 3
+    disc_channels: int = 64  # ndf, width of the discriminator's first layer
     checkpoint_every: int = 500  # steps between resumable checkpoints
     seed: int = 0
 

@@ -17,9 +17,8 @@ from .config import LDMConfig, load_config, to_dict
 from .data.folder import ImageFolder
 from .data.mnist import mnist_tensor
 from .latent import LatentCodec, estimate_scale_factor
-from .models.distributions import DiagonalGaussianDistribution
 from .training.autoencoder import train_autoencoder
-from .training.diffusion import WEIGHTS_FILE, encode_moments, train_diffusion
+from .training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments, train_diffusion
 from .training.loop import draw_batch
 
 
@@ -44,13 +43,13 @@ def load_dataset(cfg: LDMConfig, split: str = "train") -> tuple[Tensor, Tensor]:
     return images[: d.limit], labels[: d.limit]
 
 
-def choose_scale_factor(cfg: LDMConfig, moments: Tensor) -> float:
+def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -> float:
     """cfg.scale_factor, or 1 / std of the first training batch's latent samples (LDM `scale_by_std`)."""
     if cfg.scale_factor is not None:
         return cfg.scale_factor
     gen = torch.Generator().manual_seed(cfg.train_diffusion.seed)
     idx = draw_batch(len(moments), cfg.train_diffusion.batch_size, gen)
-    return estimate_scale_factor(DiagonalGaussianDistribution(moments[idx]).sample(gen))
+    return estimate_scale_factor(draw_latents(moments[idx], latent_channels, gen))
 
 
 def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, labels: Tensor | None,
@@ -62,7 +61,7 @@ def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, label
         raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
                          f"{cfg.conditioning.n_classes}")
     moments = encode_moments(codec, images)
-    codec.scale_factor = choose_scale_factor(cfg, moments)
+    codec.scale_factor = choose_scale_factor(cfg, moments, codec.latent_channels)
     log(f"latent scale factor: {codec.scale_factor:.5f}")
     train_diffusion(cfg, codec, moments, labels, run_dir, progress=progress)
 

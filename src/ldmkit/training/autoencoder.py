@@ -1,46 +1,92 @@
-"""Stage 1: train the perceptual-compression autoencoder (LDM sec. 3.1).
+"""Stage 1: train the perceptual-compression autoencoder (LDM sec. 3.1, appendix G), KL- or VQ-regularised.
 
-For now the loss is reconstruction + a small KL pull towards N(0, I) (LDM's "KL-reg.", kl_weight 1e-6),
-in the reference's normalisation: summed over pixels and latent elements, averaged over the batch.
-The perceptual and patch-GAN terms arrive with the full stage-1 work.
+The objective is LD's `LPIPSWithDiscriminator` (KL) / `VQLPIPSWithDiscriminator` (VQ):
+  reconstruction  |x - D(E(x))| (+ perceptual_weight * LPIPS), through the log-variance nll of the KL loss,
+  regulariser     kl_weight * KL(q(z|x) || N(0, I))   or   codebook_weight * (codebook + beta * commitment),
+  adversarial     a patch discriminator from `disc_start` on, weighted adaptively by the ratio of gradient
+                  norms at the decoder's last layer (Esser et al. 2021, eq. 7).
+Two optimisers as the reference: Adam over the autoencoder (LD leaves the KL loss's `logvar` out of it, so it
+stays at logvar_init unless `learn_logvar`), Adam over the discriminator; both step on every batch once the
+discriminator is on. Without LPIPS weights (none can be downloaded here) the perceptual term is left out and
+the run says so once; random VGG weights are never used as if they were LPIPS.
 
 Resuming is rerunning the same command: the loop reloads `autoencoder_train.safetensors` from the run
-directory and continues from its step with the same data order.
+directory (model, loss module, both optimisers, generator, step) and continues with the same data order.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import LDMConfig, from_dict, to_dict
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
+from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
+from ..models.perceptual import LPIPS
+from ..models.vq import VQModel
 from .build import build_autoencoder, load_strict
 from .checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 
 STATE_FILE = "autoencoder_train.safetensors"
 WEIGHTS_FILE = "autoencoder.safetensors"
+FirstStageLoss = LPIPSWithDiscriminator | VQLPIPSWithDiscriminator
 
 
-def autoencoder_loss(ae: AutoencoderKL, x: Tensor, kl_weight: float, pixel_loss: str,
-                     generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-    """sum |x - x_rec| / B  (+ sum (x - x_rec)^2 / B)  + kl_weight * KL(q(z|x) || N(0,I)) / B."""
-    recon, posterior = ae(x, sample_posterior=True, generator=generator)
-    b = x.shape[0]
-    rec = (x - recon).abs().sum() / b
-    if pixel_loss == "l1+l2":
-        rec = rec + ((x - recon) ** 2).sum() / b
-    elif pixel_loss != "l1":
-        raise ValueError(f"unknown pixel_loss {pixel_loss!r}; choose 'l1' or 'l1+l2'")
-    kl = posterior.kl().sum() / b
-    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+def build_perceptual(cfg: LDMConfig) -> LPIPS | None:
+    """LPIPS from the user's local files, or None when they are not given (the loss module then warns once
+    that it trains without the perceptual term)."""
+    tc = cfg.train_autoencoder
+    if tc.perceptual_weight <= 0 or (tc.lpips_vgg is None and tc.lpips_lin is None):
+        return None
+    if tc.lpips_vgg is None or tc.lpips_lin is None:
+        raise ValueError("LPIPS needs both train_autoencoder.lpips_vgg (torchvision VGG16 weights) and "
+                         "train_autoencoder.lpips_lin (the lpips package's vgg.pth)")
+    return LPIPS.from_files(tc.lpips_vgg, tc.lpips_lin)
 
 
-def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *, progress: bool = True) -> AutoencoderKL:
-    """Train (or resume, or reload when finished) the autoencoder on `images` [N, C, H, W] in [-1, 1]."""
+def build_first_stage_loss(cfg: LDMConfig, perceptual: LPIPS | None) -> FirstStageLoss:
+    tc, ae = cfg.train_autoencoder, cfg.autoencoder
+    # without a discriminator the GAN term is switched on "never"; its weights still exist, as in the reference
+    disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
+    common: dict[str, Any] = dict(
+        disc_start=disc_start, disc_num_layers=tc.disc_num_layers, disc_in_channels=ae.out_ch,
+        disc_factor=tc.disc_factor, disc_weight=tc.disc_weight, perceptual_weight=tc.perceptual_weight,
+        disc_loss=tc.disc_loss, perceptual=perceptual, pixel_loss=tc.pixel_loss, disc_ndf=tc.disc_channels,
+        generator=torch.Generator().manual_seed(tc.seed + 1),
+    )
+    if ae.kind == "vq":
+        return VQLPIPSWithDiscriminator(codebook_weight=tc.codebook_weight, **common)
+    return LPIPSWithDiscriminator(logvar_init=tc.logvar_init, kl_weight=tc.kl_weight, **common)
+
+
+def _ae_parameters(ae: nn.Module, loss: FirstStageLoss, learn_logvar: bool) -> list[nn.Parameter]:
+    params = list(ae.parameters())
+    if learn_logvar and isinstance(loss, LPIPSWithDiscriminator):
+        params.append(loss.logvar)
+    return params
+
+
+def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: int, optimizer_idx: int,
+                     generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """One loss evaluation: (loss, log, reconstruction) for the autoencoder (0) or the discriminator (1)."""
+    last_layer = ae.decoder.conv_out.weight
+    if isinstance(ae, VQModel):
+        rec, qloss, info = ae(x, generator=generator)
+        loss, log = loss_mod(qloss, x, rec, optimizer_idx, step, last_layer=last_layer)
+        log = {**log, "train/perplexity": info.perplexity, "train/codebook_usage": info.usage}
+    else:
+        rec, posterior = ae(x, sample_posterior=True, generator=generator)
+        loss, log = loss_mod(x, rec, posterior, optimizer_idx, step, last_layer=last_layer)
+    return loss, log, rec
+
+
+def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *,
+                      progress: bool = True) -> AutoencoderKL | VQModel:
+    """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1]."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train_autoencoder
@@ -51,46 +97,72 @@ def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *, pr
         raise ValueError(f"expected images [N, {cfg.autoencoder.in_channels}, H, W], got {tuple(images.shape)}")
 
     ae = seeded_init(tc.seed, lambda: build_autoencoder(cfg)).train()
-    opt = torch.optim.Adam(ae.parameters(), lr=tc.lr, betas=(0.9, 0.99), fused=True)
+    loss_mod = build_first_stage_loss(cfg, build_perceptual(cfg)).train()
+    opt_ae = torch.optim.Adam(_ae_parameters(ae, loss_mod, tc.learn_logvar), lr=tc.lr, betas=tc.betas, fused=True)
+    opt_d = torch.optim.Adam(loss_mod.discriminator_parameters(), lr=tc.lr, betas=tc.betas)
     gen = torch.Generator().manual_seed(tc.seed)
     state_path = run_dir / STATE_FILE
     step = 0
     if state_path.exists():
         state, _ = load_state(state_path)
         ae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        loss_mod.load_state_dict(state["loss"])
+        opt_ae.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["optimizer_disc"])
         gen.set_state(state["generator"])
         step = int(state["step"])
 
     def save() -> None:
-        save_state(state_path, {"model": ae.state_dict(), "optimizer": opt.state_dict(),
+        save_state(state_path, {"model": ae.state_dict(), "loss": loss_mod.state_dict(),
+                                "optimizer": opt_ae.state_dict(), "optimizer_disc": opt_d.state_dict(),
                                 "generator": gen.get_state(), "step": step}, {"kind": "autoencoder_train"})
 
+    disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
     bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress)
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
-        set_lr(opt, lr)
+        set_lr(opt_ae, lr)
+        set_lr(opt_d, lr)
         x = images[draw_batch(len(images), tc.batch_size, gen)]
-        loss, parts = autoencoder_loss(ae, x, tc.kl_weight, tc.pixel_loss, gen)
+        loss, log, rec = first_stage_step(ae, loss_mod, x, step, 0, gen)
         check_finite(loss, "autoencoder", step, state_path)
-        opt.zero_grad(set_to_none=True)
+        opt_ae.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt_ae.step()
+        extra = {"rec": float(log["train/rec_loss"])}
+        if step >= disc_start:  # the discriminator's turn on the same batch (Lightning's optimizer_idx 1)
+            d_loss, d_log = loss_mod(*_disc_args(ae, x, rec.detach(), step))
+            check_finite(d_loss, "discriminator", step, state_path)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            extra["d_loss"] = d_loss.item()
+            extra["g_loss"] = float(log.get("train/g_loss", 0.0))
+        if "train/codebook_usage" in log:
+            extra["usage"] = float(log["train/codebook_usage"])
         step += 1
-        bar.update(step, loss.item(), lr, **parts)
+        bar.update(step, loss.item(), lr, **extra)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save()
     bar.close()
     ae.eval()
-    save_checkpoint(final, ae.state_dict(), {"kind": "autoencoder_kl", "autoencoder": to_dict(cfg.autoencoder)})
+    save_checkpoint(final, ae.state_dict(), {"kind": "autoencoder", "autoencoder": to_dict(cfg.autoencoder)})
     return ae
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """Load an autoencoder written by `train_autoencoder` (config from the file's metadata)."""
+def _disc_args(ae: nn.Module, x: Tensor, rec: Tensor, step: int) -> tuple[Any, ...]:
+    # the discriminator's loss reads only the images; the other arguments keep the reference signature
+    if isinstance(ae, VQModel):
+        return (torch.zeros(()), x, rec, 1, step)
+    return (x, rec, None, 1, step)
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
+    """Load a first stage written by `train_autoencoder` (config from the file's metadata)."""
     tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != "autoencoder_kl":
+    if meta.get("kind") not in ("autoencoder", "autoencoder_kl"):
         raise ValueError(f"{path} is not an ldmkit autoencoder checkpoint (kind {meta.get('kind')!r})")
-    ae = AutoencoderKL(from_dict(AutoencoderConfig, meta["autoencoder"]))
+    cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
+    ae = VQModel(cfg) if cfg.kind == "vq" else AutoencoderKL(cfg)
     load_strict(ae, tensors, "autoencoder")
     return ae.eval()

@@ -18,6 +18,7 @@ from ..config import LDMConfig, to_dict
 from ..diffusion import diffusion_loss
 from ..latent import LatentCodec
 from ..models.distributions import DiagonalGaussianDistribution
+from ..models.vq import VQModel
 from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
 from .checkpoint import load_state, save_checkpoint, save_state
 from .ema import EMA
@@ -29,15 +30,28 @@ WEIGHTS_FILE = "ldm.safetensors"
 
 @torch.no_grad()
 def encode_moments(codec: LatentCodec, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Posterior parameters [N, 2C, h, w] (mean | logvar, unscaled) of every image, in eval mode."""
+    """Unscaled first-stage encodings of every image, in eval mode: posterior parameters [N, 2C, h, w]
+    (mean | logvar) for a KL first stage, the deterministic pre-quantisation latents [N, C, h, w] for VQ."""
     codec.eval()
     codec.autoencoder.to(memory_format=torch.channels_last)  # faster CPU convolutions for this one pass
     try:
-        parts = [codec.posterior(x.contiguous(memory_format=torch.channels_last)).parameters
-                 for x in images.split(batch_size)]
+        parts = [_encoding(codec, x.contiguous(memory_format=torch.channels_last)) for x in images.split(batch_size)]
     finally:
         codec.autoencoder.to(memory_format=torch.contiguous_format)
     return torch.cat(parts).contiguous()
+
+
+def _encoding(codec: LatentCodec, x: Tensor) -> Tensor:
+    if isinstance(codec.autoencoder, VQModel):
+        return codec.autoencoder.encode(x)
+    return codec.posterior(x).parameters
+
+
+def draw_latents(moments: Tensor, latent_channels: int, generator: torch.Generator) -> Tensor:
+    """Unscaled latents from `encode_moments` output: a posterior sample (KL) or the latents themselves (VQ)."""
+    if moments.shape[1] == latent_channels:
+        return moments
+    return DiagonalGaussianDistribution(moments).sample(generator)
 
 
 class Denoiser(nn.Module):
@@ -108,7 +122,7 @@ def train_diffusion(
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt, lr)
         idx = draw_batch(len(moments), tc.batch_size, gen)
-        z = codec.scale(DiagonalGaussianDistribution(moments[idx]).sample(gen))
+        z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen))
         cond = None
         if conditional:
             cond = {"labels": drop_labels(labels[idx], tc.cond_drop_prob, null_class, gen)}
