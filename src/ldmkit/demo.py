@@ -24,15 +24,13 @@ import torch
 from .config import load_config
 from .data.images import save_grid
 from .data.mnist import mnist_tensor
-from .evaluation.classifier import DigitClassifier, evaluate_classifier, predict, train_classifier
+from .evaluation.classifier import evaluate_classifier, load_or_train_judge, predict
 from .evaluation.frechet import feature_statistics, frechet_distance
 from .evaluation.image_metrics import psnr
 from .latent import LatentCodec
 from .pipeline import LatentDiffusionPipeline
 from .train import train_second_stage
 from .training.autoencoder import train_autoencoder
-from .training.build import load_strict
-from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.diffusion import WEIGHTS_FILE
 
 JUDGE_FILE = "judge.safetensors"
@@ -47,19 +45,6 @@ def _timed(timings: dict[str, float], path: Path, name: str, fn: Callable[[], An
         timings[name] = round(dt, 1)
     path.write_text(json.dumps(timings, indent=2))
     return out
-
-
-def _judge(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, steps: int, progress: bool) -> DigitClassifier:
-    path = run_dir / JUDGE_FILE
-    if path.exists():
-        tensors, _ = load_checkpoint(path)
-        model = DigitClassifier()
-        load_strict(model, tensors, "judge")
-        return model.eval()
-    model = train_classifier(images, labels, steps=steps, generator=torch.Generator().manual_seed(0),
-                             progress=progress)
-    save_checkpoint(path, model.state_dict(), {"kind": "digit_classifier"})
-    return model
 
 
 @torch.no_grad()
@@ -96,7 +81,8 @@ def run_demo(
     test_x, test_y = mnist_tensor("test", cfg.data.root)
     log(f"MNIST: {len(train_x)} train / {len(test_x)} test images, {tuple(train_x.shape[1:])}")
 
-    judge = _timed(timings, tpath, "judge", lambda: _judge(run_dir, train_x, train_y, judge_steps, progress))
+    judge = _timed(timings, tpath, "judge",
+                   lambda: load_or_train_judge(run_dir / JUDGE_FILE, train_x, train_y, judge_steps, progress))
     judge_acc = evaluate_classifier(judge, test_x, test_y)
     log(f"judge: test accuracy {judge_acc:.2%}")
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import LDMConfig, load_config, to_dict
+from .config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
 from .data.folder import ImageFolder
 from .data.mnist import mnist_tensor
 from .latent import LatentCodec, estimate_scale_factor
@@ -22,7 +22,7 @@ from .training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments, trai
 from .training.loop import draw_batch
 
 
-def load_dataset(cfg: LDMConfig, split: str = "train") -> tuple[Tensor, Tensor]:
+def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tuple[Tensor, Tensor]:
     """The whole training set in memory: images [N, C, R, R] in [-1, 1] and labels [N]."""
     d = cfg.data
     if d.limit is not None and d.limit < 1:
@@ -31,6 +31,15 @@ def load_dataset(cfg: LDMConfig, split: str = "train") -> tuple[Tensor, Tensor]:
         if d.resolution != 32 or d.channels != 1:
             raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
         images, labels = mnist_tensor(split, d.root)
+    elif d.name == "photos":
+        from .data.photos import PhotoCrops
+
+        if d.channels != 3:
+            raise ValueError("the photos dataset is RGB: set data.channels 3")
+        # train crops come from the training photos only; "test" crops from photos never trained on
+        crops = PhotoCrops("train" if split == "train" else "held_out", d.resolution, d.limit or 4096,
+                           seed=0 if split == "train" else 1)
+        return crops.images, crops.photo_index
     elif d.name == "folder":
         if d.root is None:
             raise ValueError("data.name 'folder' needs data.root (a folder of images)")
@@ -39,7 +48,7 @@ def load_dataset(cfg: LDMConfig, split: str = "train") -> tuple[Tensor, Tensor]:
         images = torch.stack([ds[i][0] for i in range(n)])
         labels = torch.as_tensor(ds.labels[:n], dtype=torch.long)
     else:
-        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist' or 'folder'")
+        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos' or 'folder'")
     return images[: d.limit], labels[: d.limit]
 
 
@@ -78,4 +87,29 @@ def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides:
     ae = train_autoencoder(cfg, images, run_dir, progress=progress)
     conditional = cfg.conditioning.kind != "none"
     train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log)
+    return run_dir
+
+
+def train_first_stage(config: str | Path | FirstStageConfig, run_dir: str | Path, *,
+                      overrides: dict[str, Any] | None = None, progress: bool = True, log: Any = print) -> Path:
+    """Stage 1 alone (`ldmkit train-autoencoder`): train, then measure PSNR / SSIM on held-out data.
+
+    Writes autoencoder.safetensors and metrics.json into `run_dir`; rerunning resumes or, when finished, only
+    re-measures.
+    """
+    from .evaluation.autoencoder_eval import evaluate_autoencoder
+    from .training.autoencoder import train_autoencoder as fit
+
+    cfg = config if isinstance(config, FirstStageConfig) else load_first_stage_run(config, overrides)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    images, _ = load_dataset(cfg)
+    log(f"data: {len(images)} images {tuple(images.shape[1:])}")
+    ae = fit(cfg, images, run_dir, progress=progress)
+    held_out, _ = load_dataset(cfg, "test")
+    metrics = evaluate_autoencoder(ae, held_out[:512])
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    log(f"held-out reconstruction ({metrics['n_images']} images): PSNR {metrics['psnr_db']:.2f} dB, "
+        f"SSIM {metrics['ssim']:.4f}, latent {metrics['latent_shape']}")
     return run_dir

@@ -110,6 +110,48 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained: {run_dir} (sample with: ldmkit sample --checkpoint {run_dir} --out grid.png)")
 
 
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from ..train import train_first_stage
+
+    run_dir = train_first_stage(args.config, args.out, overrides=_parse_overrides(args.set), progress=not args.quiet)
+    print(f"trained: {run_dir / 'autoencoder.safetensors'} (metrics in {run_dir / 'metrics.json'})")
+
+
+def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
+    import json
+
+    from ..config import DataConfig, FirstStageConfig
+    from ..evaluation.autoencoder_eval import evaluate_autoencoder, in_domain_features
+    from ..interop.loader import load_first_stage_checkpoint
+    from ..train import load_dataset
+    from ..training.autoencoder import WEIGHTS_FILE, load_autoencoder
+    from ..training.checkpoint import CheckpointError
+
+    if args.n < 2:
+        raise CLIError(f"--n must be >= 2, got {args.n}")
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.exists():
+        raise CLIError(f"checkpoint not found: {path}")
+    try:
+        ae = load_autoencoder(path)
+    except (CheckpointError, ValueError):  # not one of ours: an original first-stage (or LDM) checkpoint
+        ae, _ = load_first_stage_checkpoint(path)
+    channels = ae.config.in_channels
+    size = args.size or {"mnist": 32, "photos": 64}.get(args.data, 256)
+    data = DataConfig(name=args.data, root=args.root, resolution=size, channels=channels, limit=args.n)
+    images, _ = load_dataset(FirstStageConfig(ae.config, data=data), "test")
+    feature_fn = None if args.no_rfd else in_domain_features(args.data, args.cache, progress=not args.quiet)
+    metrics = evaluate_autoencoder(ae, images[: args.n], feature_fn)
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=str))
+        return
+    rfd = "n/a" if metrics["rfd"] is None else f"{metrics['rfd']:.3f}"
+    print(f"{path}: {metrics['n_images']} held-out {args.data} images at {size} px, latent {metrics['latent_shape']}")
+    print(f"  PSNR {metrics['psnr_db']:.2f} dB   SSIM {metrics['ssim']:.4f}   rFD {rfd}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -188,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=cmd_train)
+
+    a = sub.add_parser("train-autoencoder", help="train a first stage alone (KL or VQ, with LD's losses)")
+    a.add_argument("--config", required=True, help="first-stage preset (e.g. kl-f8-photos, vq-f4-mnist) or YAML")
+    a.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(fn=cmd_train_autoencoder)
+
+    e = sub.add_parser("eval-autoencoder", help="PSNR, SSIM and reconstruction Frechet distance on held-out data")
+    e.add_argument("checkpoint", help="run dir / autoencoder.safetensors, or an original first-stage checkpoint")
+    e.add_argument("--data", default="photos", choices=["photos", "mnist", "folder"],
+                   help="held-out data: photos never trained on, the MNIST test set, or a folder (--root)")
+    e.add_argument("--root", default=None, help="image folder for --data folder")
+    e.add_argument("--size", type=int, default=None, help="image size (default: 64 photos, 32 mnist, 256 folder)")
+    e.add_argument("--n", type=int, default=512, help="number of held-out images")
+    e.add_argument("--no-rfd", action="store_true", help="skip the Frechet distance (no feature network)")
+    e.add_argument("--cache", default="runs/.cache", help="where the in-domain feature network is cached")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_eval_autoencoder)
 
     i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
     i.add_argument("checkpoint", help=".ckpt / .safetensors file (CompVis LDM, Stable Diffusion, or an autoencoder)")

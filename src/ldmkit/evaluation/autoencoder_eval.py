@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -197,3 +198,25 @@ def evaluate_autoencoder(
     else:
         out["kl_per_image_nats"] = float(torch.cat(kls).mean())
     return out
+
+
+def in_domain_features(data_name: str, cache_dir: str | Path, *, progress: bool = False) -> FeatureFn:
+    """The feature map for a reconstruction Frechet distance on `data_name`, trained once and cached.
+
+    mnist: the judge CNN's penultimate features (trained on the MNIST train set); photos: the photo feature
+    net (`photo_features.py`). Other data have no in-domain network here (no Inception weights exist offline).
+    """
+    cache_dir = Path(cache_dir)
+    if data_name == "mnist":
+        from ..data.mnist import mnist_tensor
+        from .classifier import load_or_train_judge
+
+        images, labels = mnist_tensor("train")
+        judge = load_or_train_judge(cache_dir / "judge.safetensors", images, labels, progress=progress)
+        return judge.features
+    if data_name == "photos":
+        from .photo_features import load_or_train_photo_features
+
+        return load_or_train_photo_features(cache_dir, progress=progress).features
+    raise ValueError(f"no in-domain feature network for data {data_name!r} (only mnist and photos); "
+                     "run with rfd off")

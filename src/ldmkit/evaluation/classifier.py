@@ -17,6 +17,7 @@ in about a minute on two CPU cores.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -215,3 +216,21 @@ def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, batch_
         raise ValueError("evaluate_classifier needs at least one image")
     pred = predict(model, images, batch_size)
     return float((pred == labels.cpu()).to(torch.float64).mean())
+
+
+def load_or_train_judge(path: str | Path, images: Tensor, labels: Tensor, steps: int = 800,
+                        progress: bool = True) -> DigitClassifier:
+    """The judge CNN saved at `path`, or trained (seed 0) on `images`/`labels` and saved there."""
+    from ..training.build import load_strict
+    from ..training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = Path(path)
+    if path.exists():
+        tensors, _ = load_checkpoint(path)
+        model = DigitClassifier()
+        load_strict(model, tensors, "judge")
+        return model.eval()
+    model = train_classifier(images, labels, steps=steps, generator=torch.Generator().manual_seed(0),
+                             progress=progress)
+    save_checkpoint(path, model.state_dict(), {"kind": "digit_classifier"})
+    return model.eval()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import LDMConfig, from_dict, to_dict
+from ..config import FirstStageConfig, LDMConfig, from_dict, to_dict
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
 from ..models.perceptual import LPIPS
@@ -36,7 +36,7 @@ WEIGHTS_FILE = "autoencoder.safetensors"
 FirstStageLoss = LPIPSWithDiscriminator | VQLPIPSWithDiscriminator
 
 
-def build_perceptual(cfg: LDMConfig) -> LPIPS | None:
+def build_perceptual(cfg: LDMConfig | FirstStageConfig) -> LPIPS | None:
     """LPIPS from the user's local files, or None when they are not given (the loss module then warns once
     that it trains without the perceptual term)."""
     tc = cfg.train_autoencoder
@@ -48,7 +48,7 @@ def build_perceptual(cfg: LDMConfig) -> LPIPS | None:
     return LPIPS.from_files(tc.lpips_vgg, tc.lpips_lin)
 
 
-def build_first_stage_loss(cfg: LDMConfig, perceptual: LPIPS | None) -> FirstStageLoss:
+def build_first_stage_loss(cfg: LDMConfig | FirstStageConfig, perceptual: LPIPS | None) -> FirstStageLoss:
     tc, ae = cfg.train_autoencoder, cfg.autoencoder
     # without a discriminator the GAN term is switched on "never"; its weights still exist, as in the reference
     disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
@@ -84,7 +84,7 @@ def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: i
     return loss, log, rec
 
 
-def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *,
+def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir: str | Path, *,
                       progress: bool = True) -> AutoencoderKL | VQModel:
     """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1]."""
     run_dir = Path(run_dir)
@@ -138,8 +138,9 @@ def train_autoencoder(cfg: LDMConfig, images: Tensor, run_dir: str | Path, *,
             opt_d.step()
             extra["d_loss"] = d_loss.item()
             extra["g_loss"] = float(log.get("train/g_loss", 0.0))
-        if "train/codebook_usage" in log:
+        if "train/codebook_usage" in log:  # VQ: share of codes used in the batch, and their perplexity
             extra["usage"] = float(log["train/codebook_usage"])
+            extra["perplexity"] = float(log["train/perplexity"])
         step += 1
         bar.update(step, loss.item(), lr, **extra)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
