@@ -32,6 +32,17 @@ def test_lightning_ckpt_of_a_run_samples_the_same_images(tiny_run: Path, tmp_pat
     a = ours.sample([1, 7], steps=4, guidance=2.0, seed=3)
     b = theirs.sample([1, 7], steps=4, guidance=2.0, seed=3)
     assert torch.equal(a, b)
+    # a class-conditional model trained without a null class (LD's cin-ldm-vq-f8): no guidance, labels required
+    import copy
+
+    no_null = copy.deepcopy(ours.cfg)
+    no_null.conditioning.n_classes, no_null.conditioning.null_class = 11, False  # same 11-row table
+    plain = LatentDiffusionPipeline.from_checkpoint(tmp_path / "last.ckpt", config=no_null)
+    assert plain.sample([1, 7], steps=2, guidance=1.0, seed=0).shape == a.shape
+    with pytest.raises(ValueError, match="no null class"):
+        plain.sample([1], steps=2, guidance=3.0)
+    with pytest.raises(ValueError, match="give class labels"):
+        plain.sample(n=2, steps=2)
     # `load` tells the two kinds of file apart
     assert LatentDiffusionPipeline.load(tiny_run).cfg == ours.cfg
     with pytest.raises(ValueError, match="only apply to original checkpoints"):

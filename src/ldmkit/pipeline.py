@@ -215,9 +215,17 @@ class LatentDiffusionPipeline:
         elif self.n_classes and classes is not None:
             y = torch.tensor([int(c) for c in classes], dtype=torch.long)
             cond = {"labels": y}
-            uncond = {"labels": torch.full_like(y, self.n_classes)}  # the null class
-            fn = guided_denoiser(self.denoiser, cond, uncond, guidance, guidance_rescale)
+            if not self.cfg.conditioning.null_class:  # e.g. LD's cin-ldm-vq-f8: trained without a "no label"
+                if guidance != 1.0:
+                    raise ValueError("this class-conditional model has no null class, so classifier-free guidance "
+                                     "is not available: use guidance 1")
+                fn = guided_denoiser(self.denoiser, cond, None, 1.0)
+            else:
+                uncond = {"labels": torch.full_like(y, self.n_classes)}  # the null class
+                fn = guided_denoiser(self.denoiser, cond, uncond, guidance, guidance_rescale)
         elif self.n_classes:
+            if not self.cfg.conditioning.null_class:
+                raise ValueError("this class-conditional model has no null class: give class labels")
             null = {"labels": torch.full((count,), self.n_classes, dtype=torch.long)}
             fn = guided_denoiser(self.denoiser, null, None, 1.0)
         else:
