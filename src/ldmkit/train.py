@@ -18,6 +18,8 @@ from .data.folder import ImageFolder
 from .data.mnist import mnist_tensor
 from .latent import LatentCodec, estimate_scale_factor
 from .training.autoencoder import train_autoencoder
+from .training.build import build_conditioner
+from .training.conditions import TaskData, build_condition_source
 from .training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments, train_diffusion
 from .training.loop import draw_batch
 
@@ -27,6 +29,9 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
     d = cfg.data
     if d.limit is not None and d.limit < 1:
         raise ValueError(f"data.limit must be >= 1, got {d.limit}")
+    if d.name in ("emoji", "canvases"):  # no class labels: their conditions come with load_task_data
+        data = load_task_data(cfg, split)
+        return data.images, torch.zeros(len(data.images), dtype=torch.long)
     if d.name == "mnist":
         if d.resolution != 32 or d.channels != 1:
             raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
@@ -48,8 +53,34 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
         images = torch.stack([ds[i][0] for i in range(n)])
         labels = torch.as_tensor(ds.labels[:n], dtype=torch.long)
     else:
-        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos' or 'folder'")
+        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos', 'folder', 'emoji' or 'canvases'")
     return images[: d.limit], labels[: d.limit]
+
+
+def load_task_data(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> TaskData:
+    """The training set with the conditions it carries: captions (emoji), layouts and class maps (canvases),
+    class labels (mnist, folder)."""
+    d = cfg.data
+    if d.name == "emoji":
+        from .data.emoji import emoji_dataset
+
+        if d.channels != 3:
+            raise ValueError("the emoji dataset is RGB: set data.channels 3")
+        em = emoji_dataset(d.resolution, split="train" if split == "train" else "held_out")
+        n = len(em.captions) if d.limit is None else min(d.limit, len(em.captions))
+        return TaskData(em.images[:n], captions=list(em.captions[:n]))
+    if d.name == "canvases":
+        from .data.canvases import mnist_canvases
+
+        if d.channels != 1:
+            raise ValueError("the canvases dataset is grey: set data.channels 1")
+        lo, hi = d.digits
+        cv = mnist_canvases(d.limit or 10000, size=d.resolution, min_digits=lo, max_digits=hi,
+                            split="train" if split == "train" else "test", seed=0 if split == "train" else 1,
+                            root=d.root)
+        return TaskData(cv.images, layouts=cv.layouts, segmaps=cv.segmaps)
+    images, labels = load_dataset(cfg, split)
+    return TaskData(images, labels=labels)
 
 
 def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -> float:
@@ -62,17 +93,28 @@ def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -
 
 
 def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, labels: Tensor | None,
-                       run_dir: Path, progress: bool = True, log: Any = print) -> None:
-    """Encode the data once, fix the latent scale, train the denoiser (skipped when already finished)."""
+                       run_dir: Path, progress: bool = True, log: Any = print, data: TaskData | None = None) -> None:
+    """Encode the data once, fix the latent scale, train the denoiser (skipped when already finished).
+
+    `data` carries the conditions of the other tasks (captions, layouts, class maps); super-resolution and
+    inpainting make theirs from `images`.
+    """
     if (run_dir / WEIGHTS_FILE).exists():
         return
-    if cfg.conditioning.kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
+    kind = cfg.conditioning.kind
+    if kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
         raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
                          f"{cfg.conditioning.n_classes}")
     moments = encode_moments(codec, images)
     codec.scale_factor = choose_scale_factor(cfg, moments, codec.latent_channels)
     log(f"latent scale factor: {codec.scale_factor:.5f}")
-    train_diffusion(cfg, codec, moments, labels, run_dir, progress=progress)
+    if kind in ("none", "class"):
+        train_diffusion(cfg, codec, moments, labels if kind == "class" else None, run_dir, progress=progress)
+        return
+    conditioner = build_conditioner(cfg) if kind == "minilm" else None  # frozen: its context is computed once
+    source = build_condition_source(cfg, data if data is not None else TaskData(images, labels=labels), codec,
+                                    conditioner)
+    train_diffusion(cfg, codec, moments, source, run_dir, progress=progress, conditioner=conditioner)
 
 
 def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides: dict[str, Any] | None = None,
@@ -82,11 +124,13 @@ def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    images, labels = load_dataset(cfg)
+    data = load_task_data(cfg)
+    images, labels = data.images, data.labels
     log(f"data: {len(images)} images {tuple(images.shape[1:])}")
     ae = train_autoencoder(cfg, images, run_dir, progress=progress)
     conditional = cfg.conditioning.kind != "none"
-    train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log)
+    train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log,
+                       data=data)
     return run_dir
 
 

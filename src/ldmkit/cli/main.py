@@ -73,12 +73,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
     args.sampler = sc.sampler if args.sampler is None else args.sampler
     common = dict(steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.sampler,
                   guidance_rescale=args.guidance_rescale, seed=args.seed, resolution=args.size)
+    channels = pipe.cfg.autoencoder.in_channels
+    spatial = _spatial_inputs(args, channels)
+    if args.layout is not None:
+        spatial["layouts"] = [_parse_layout(args.layout)] * args.n
+    if args.strength is not None:
+        spatial["strength"] = args.strength
     if pipe.takes_prompts:
         if args.prompt is None:
             raise CLIError("this is a text-to-image model: give --prompt TEXT")
         pipe.check_params(None, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
         images = pipe.sample(prompts=[args.prompt] * args.n, negative_prompt=args.negative_prompt,
-                             batch_size=args.batch_size, **common)
+                             batch_size=args.batch_size, **spatial, **common)
         nrow = math.ceil(math.sqrt(len(images)))
     else:
         if args.prompt is not None:
@@ -86,10 +92,91 @@ def cmd_sample(args: argparse.Namespace) -> None:
         wanted = _parse_classes(args.class_, pipe.n_classes)
         classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
         pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
-        images = pipe.sample(classes, args.n, batch_size=args.batch_size, **common)
+        per_example = {k for k in spatial if k != "strength"}
+        images = pipe.sample(classes, None if (classes or per_example) else args.n, batch_size=args.batch_size,
+                             **spatial, **common)
         nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {path}")
+
+
+def _read_image(path: str, channels: int, what: str) -> Any:
+    """An image file at its own size -> [1, C, H, W] in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    except FileNotFoundError:
+        raise CLIError(f"{what} file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{what} {path} is not a readable image ({e})") from None
+    x = torch.from_numpy(arr / 127.5 - 1.0)
+    return (x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]).contiguous()  # [1, C, H, W]
+
+
+def _read_index_map(path: str, what: str) -> Any:
+    """A PNG whose pixel values are indices (a grey or palette image) -> [H, W] long, values kept as stored."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise CLIError(f"{what} {path} must be a grey or palette PNG of class indices, got mode {im.mode}")
+            arr = np.asarray(im, dtype=np.int64)
+    except FileNotFoundError:
+        raise CLIError(f"{what} file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{what} {path} is not a readable image ({e})") from None
+    return torch.from_numpy(arr)
+
+
+def _spatial_inputs(args: argparse.Namespace, channels: int) -> dict[str, Any]:
+    """--segmap / --lowres / --image / --mask, each repeated --n times."""
+    out: dict[str, Any] = {}
+    if args.segmap is not None:
+        out["segmap"] = _read_index_map(args.segmap, "--segmap")[None].expand(args.n, -1, -1)
+    if args.lowres is not None:
+        out["lowres"] = _read_image(args.lowres, channels, "--lowres").expand(args.n, -1, -1, -1)
+    if args.image is not None:
+        out["image"] = _read_image(args.image, channels, "--image").expand(args.n, -1, -1, -1)
+    if args.mask is not None:
+        if args.image is None:
+            raise CLIError("--mask needs --image (the picture whose white mask region is filled)")
+        mask = (_read_image(args.mask, 1, "--mask") > 0).float()
+        out["mask"] = mask.expand(args.n, -1, -1, -1)
+    if args.strength is not None and (args.image is None or args.mask is not None):
+        raise CLIError("--strength (img2img) needs --image and no --mask")
+    return out
+
+
+def _parse_layout(text: str) -> list[tuple[int, float, float, float, float]]:
+    """'3:0.1,0.1,0.5,0.5;7:0.5,0.5,0.9,0.9' or JSON [[3, 0.1, 0.1, 0.5, 0.5], ...] (class, x0, y0, x1, y1)."""
+    import json
+
+    src = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
+    try:
+        if src.lstrip().startswith("["):
+            items = json.loads(src)
+        else:
+            items = []
+            for part in filter(None, (p.strip() for p in src.split(";"))):
+                cls, _, box = part.partition(":")
+                items.append([int(cls), *(float(v) for v in box.split(","))])
+        layout = [(int(o[0]), *(float(v) for v in o[1:])) for o in items]
+    except (ValueError, TypeError, IndexError, json.JSONDecodeError):
+        raise CLIError(f"--layout expects 'class:x0,y0,x1,y1;...' or JSON [[class, x0, y0, x1, y1], ...], "
+                       f"got {text!r}") from None
+    bad = [o for o in layout if len(o) != 5]
+    if bad:
+        raise CLIError(f"--layout: each object needs a class and 4 box coordinates, got {bad[0]}")
+    return layout  # type: ignore[return-value]
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -211,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default=None,
                    help="ddim, plms, ddpm, euler, 'euler a', heun, lms, 'dpm++ 2m', 'dpm++ 2m sde', with an optional "
                         "' karras' or ' exponential' grid (default: the model's sampling config)")
+    s.add_argument("--layout", default=None,
+                   help="layout models: objects as 'class:x0,y0,x1,y1;...' (box corners in [0, 1]) or JSON / .json")
+    s.add_argument("--segmap", default=None, help="semantic-synthesis models: a PNG of class indices (any size "
+                   "divisible by the autoencoder factor)")
+    s.add_argument("--lowres", default=None, help="super-resolution models: the low-resolution image")
+    s.add_argument("--image", default=None, help="inpainting (with --mask) or img2img (with --strength)")
+    s.add_argument("--mask", default=None, help="inpainting: white = the region to fill, same size as --image")
+    s.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the sampling runs from the noised --image, in (0, 1]")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=int, default=2, help="upscale the grid image by this integer factor")
     s.add_argument("--out", default="grid.png", help="output PNG")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .noise import randn_like
 from .parameterization import ModelFn, call_model, training_target
 from .schedules import NoiseSchedule, _gather
 
@@ -55,7 +56,7 @@ def diffusion_loss(
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=x0.device)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps = randn_like(x0, generator)
     x_t = schedule.q_sample(x0, t, eps)
     target = training_target(parameterization, x0, eps, _gather(schedule.alphas_cumprod, t, x0))
     out = call_model(model, x_t, t, cond)

@@ -44,10 +44,10 @@ __all__ = [
 class AbsolutePositionalEmbedding(nn.Module):
     """Learned position vectors for positions 0..L-1 -> [1, L, dim] (broadcast over the batch)."""
 
-    def __init__(self, dim: int, max_seq_len: int) -> None:
+    def __init__(self, dim: int, max_seq_len: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.emb = nn.Embedding(max_seq_len, dim)
-        nn.init.normal_(self.emb.weight, std=0.02)  # the reference's init, not nn.Embedding's N(0, 1)
+        nn.init.normal_(self.emb.weight, std=init_std)  # the reference's 0.02, not nn.Embedding's N(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         positions = torch.arange(x.shape[1], device=x.device)
@@ -133,13 +133,14 @@ class TransformerWrapper(nn.Module):
         dim_head: int = 64,
         ff_mult: int = 4,
         emb_dropout: float = 0.0,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
         self.token_emb = nn.Embedding(num_tokens, dim)
-        nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
+        nn.init.normal_(self.token_emb.weight, std=init_std)
+        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len, init_std)
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.attn_layers = Encoder(dim, depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult)
         self.norm = nn.LayerNorm(dim)
@@ -177,6 +178,7 @@ class BERTEmbedder(nn.Module):
         max_seq_len: int = 77,
         use_tokenizer: bool = True,
         embedding_dropout: float = 0.0,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         if min(n_embed, n_layer, vocab_size, max_seq_len) <= 0:
@@ -189,7 +191,8 @@ class BERTEmbedder(nn.Module):
         self.max_seq_len = max_seq_len
         self.use_tokenizer = use_tokenizer
         self.transformer = TransformerWrapper(
-            num_tokens=vocab_size, max_seq_len=max_seq_len, dim=n_embed, depth=n_layer, emb_dropout=embedding_dropout
+            num_tokens=vocab_size, max_seq_len=max_seq_len, dim=n_embed, depth=n_layer, emb_dropout=embedding_dropout,
+            init_std=init_std,
         )
 
     def forward(self, token_ids: Tensor) -> Tensor:

@@ -304,7 +304,13 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)  # [B, 4mc]
 
         skips: list[Tensor] = []
-        h = x.to(self.dtype)
+        # use_fp16/bf16 (CompVis) casts the torso input; otherwise follow the weights, so that a UNet moved
+        # with .half() / .to(torch.bfloat16) takes fp32 inputs as diffusers' does
+        h = x.to(self.dtype if self.dtype != torch.float32 else self.input_blocks[0][0].weight.dtype)
+        if isinstance(context, Tensor):
+            context = context.to(h.dtype)
+        elif context is not None:
+            context = [c.to(h.dtype) for c in context]
         for module in self.input_blocks:
             h = module(h, emb, context)
             skips.append(h)
@@ -312,5 +318,6 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # [B, C + C_skip, H, W]
             h = module(h, emb, context)
-        h = h.to(x.dtype)
-        return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+        head = self.id_predictor if self.predict_codebook_ids else self.out
+        h = h.to(x.dtype if self.dtype != torch.float32 else head[-1].weight.dtype)  # CompVis: the head stays fp32
+        return head(h).to(x.dtype)

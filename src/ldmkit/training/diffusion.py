@@ -21,6 +21,7 @@ from ..models.distributions import DiagonalGaussianDistribution
 from ..models.vq import VQModel
 from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
 from .checkpoint import load_state, save_checkpoint, save_state
+from .conditions import ConditionSource, TokenCondition
 from .ema import EMA
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 
@@ -55,51 +56,87 @@ def draw_latents(moments: Tensor, latent_channels: int, generator: torch.Generat
 
 
 class Denoiser(nn.Module):
-    """The trainable part of stage 2: UNet plus (optional) conditioner, one module for EMA and AdamW."""
+    """The trainable part of stage 2: UNet plus (optional) conditioner, one module for EMA and AdamW.
 
-    def __init__(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
+    `key` says where the conditioner's output goes (LDM's conditioning_key): cross-attention context
+    ("crossattn", "hybrid") or channels concatenated to x ("concat", e.g. the SpatialRescaler's maps).
+    """
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module | None, key: str | None = "crossattn") -> None:
         super().__init__()
         self.unet = unet
         self.conditioner = conditioner
+        self.key = key
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, context: Tensor | None = None,
                 concat: Tensor | None = None) -> Tensor:
         """labels go through the conditioner; `context` (cross-attention tokens, e.g. precomputed text
         embeddings) and `concat` (channels stacked onto x: LDM's conditioning_key "concat"/"hybrid") are
         passed as they are."""
-        if context is None and labels is not None and self.conditioner is not None:
-            context = self.conditioner(labels)
+        if labels is not None and self.conditioner is not None:
+            out = self.conditioner(labels)
+            if self.key == "concat":
+                concat = out if concat is None else torch.cat([concat, out], dim=1)
+            elif context is None:
+                context = out
         if concat is not None:
-            x = torch.cat([x, concat], dim=1)  # [B, C + C_cond, h, w]
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # [B, C + C_cond, h, w]
         return self.unet(x, t, context=context)
 
 
-def drop_labels(labels: Tensor, p: float, null_class: int, generator: torch.Generator) -> Tensor:
-    """Replace each label by the null class with probability p (classifier-free guidance training)."""
-    drop = torch.rand(labels.shape, generator=generator) < p
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
+def is_frozen(module: nn.Module | None) -> bool:
+    """A conditioner with no trainable parameters (a pretrained text encoder): kept out of AdamW and EMA."""
+    return module is not None and not any(p.requires_grad for p in module.parameters())
 
 
 def train_diffusion(
     cfg: LDMConfig,
     codec: LatentCodec,
     moments: Tensor,
-    labels: Tensor | None,
+    labels: Tensor | ConditionSource | None,
     run_dir: str | Path,
     *,
     progress: bool = True,
+    conditioner: nn.Module | None = None,
 ) -> LDMParts:
-    """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`."""
+    """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`.
+
+    `labels` is a `ConditionSource` (see training.conditions) or, for class-conditional models, the class
+    labels [N]. `conditioner` is a prebuilt cond stage (a frozen text encoder whose context the source holds).
+    """
     run_dir = Path(run_dir)
     tc = cfg.train_diffusion
     schedule = build_schedule(cfg)
     conditional = cfg.conditioning.kind != "none"
-    if conditional and (labels is None or len(labels) != len(moments)):
-        raise ValueError("class-conditional training needs one label per image")
-    net = seeded_init(tc.seed, lambda: Denoiser(build_unet(cfg), build_conditioner(cfg))).train()
+    source: ConditionSource | None
+    if isinstance(labels, Tensor) or labels is None:
+        if conditional and cfg.conditioning.kind != "class":
+            raise ValueError(f"conditioning kind {cfg.conditioning.kind!r} needs a ConditionSource, not labels")
+        if conditional and (labels is None or len(labels) != len(moments)):
+            raise ValueError("class-conditional training needs one label per image")
+        null = torch.tensor(cfg.conditioning.n_classes)
+        source = None if labels is None else TokenCondition(labels, null, tc.cond_drop_prob)
+    else:
+        source = labels
+    key = cfg.conditioning.resolved_key()
+
+    def build() -> tuple[Denoiser, nn.Module | None]:
+        unet = build_unet(cfg)  # the UNet first, then the conditioner: one seeded initialisation order
+        cs = conditioner if conditioner is not None else build_conditioner(cfg)
+        # frozen encoders stay out of the optimiser, the EMA and the training state
+        return Denoiser(unet, None if is_frozen(cs) else cs, key), cs
+
+    net, cond_stage = seeded_init(tc.seed, build)
+    frozen = is_frozen(cond_stage)
+    net.train()
     ema = EMA(net, tc.ema_decay)
     # fused: one kernel for all parameters instead of a handful of small ops per tensor (~20% of a CPU step)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    # the conditioner may learn more slowly than the UNet: a small transformer at the UNet's CPU-sized rate
+    # collapses to a near-constant context within a few hundred steps (cond_lr_ratio, 1 = one rate for all)
+    groups = [{"params": list(net.unet.parameters()), "lr_ratio": 1.0}]
+    if net.conditioner is not None:
+        groups.append({"params": list(net.conditioner.parameters()), "lr_ratio": tc.cond_lr_ratio})
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     gen = torch.Generator().manual_seed(tc.seed)
     state_path = run_dir / STATE_FILE
     step = 0
@@ -116,16 +153,13 @@ def train_diffusion(
                                 "generator": gen.get_state(), "step": step},
                    {"kind": "ldm_train", "scale_factor": codec.scale_factor})
 
-    null_class = cfg.conditioning.n_classes
     bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress)
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt, lr)
         idx = draw_batch(len(moments), tc.batch_size, gen)
         z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen))
-        cond = None
-        if conditional:
-            cond = {"labels": drop_labels(labels[idx], tc.cond_drop_prob, null_class, gen)}
+        cond = None if source is None else source.batch(idx, gen)
         loss = diffusion_loss(net, z, schedule, cond=cond, generator=gen, parameterization=cfg.parameterization,
                               loss_type=tc.loss_type, weighting=tc.weighting)
         check_finite(loss, "diffusion", step, state_path)
@@ -141,7 +175,7 @@ def train_diffusion(
             save()
     bar.close()
     best = ema.model
-    parts = LDMParts(best.unet, codec.autoencoder, best.conditioner, schedule)
+    parts = LDMParts(best.unet, codec.autoencoder, cond_stage if frozen else best.conditioner, schedule)
     save_ldm(run_dir / WEIGHTS_FILE, parts, cfg, codec.scale_factor)
     return parts
 

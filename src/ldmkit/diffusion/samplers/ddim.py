@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..parameterization import Denoiser, timesteps_like
 from ..schedules import NoiseSchedule, ddim_timesteps
 
@@ -85,7 +86,7 @@ def sample_ddim(
         index = n - 1 - i  # walk the grid from its top
         t = timesteps_like(x, int(grid[index]))
         if mask is not None:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = randn_like(x, generator)
             known = schedule.q_sample(x0, t, noise)
             x = known * mask + (1 - mask) * x
         # scalars as float32 tensors on x's device, as the reference builds them with torch.full
@@ -97,7 +98,7 @@ def sample_ddim(
         dir_xt = (1.0 - a_prev - sigma**2).sqrt() * eps_hat  # "direction pointing to x_t" (eq. 12)
         x = a_prev.sqrt() * x0_hat + dir_xt
         if eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + sigma * randn_like(x, generator)
         if callback is not None:
             callback({"x": x, "i": i, "t": int(grid[index]), "denoised": x0_hat})
     return x

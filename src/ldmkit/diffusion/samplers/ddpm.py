@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..parameterization import Denoiser, timesteps_like
 from ..schedules import NoiseSchedule
 
@@ -83,12 +84,12 @@ def sample_ddpm(
         index = n - 1 - i
         t = timesteps_like(x, int(grid[index]))
         if mask is not None:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = randn_like(x, generator)
             x = schedule.q_sample(x0, t, noise) * mask + (1 - mask) * x
         x0_hat = denoiser(x, t)
         x = c1_all[index].to(x) * x0_hat + c2_all[index].to(x) * x
         if index > 0:  # the last step returns the posterior mean
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = randn_like(x, generator)
             x = x + (0.5 * log_var_all[index].to(x)).exp() * noise
         if callback is not None:
             callback({"x": x, "i": i, "t": int(grid[index]), "denoised": x0_hat})

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..sigmas import sigma_batch
 from .euler import SigmaDenoiserFn
 
@@ -61,7 +62,7 @@ def sample_dpmpp_2m_sde(
                 r = h_last / h
                 x = x + 0.5 * phi * (1 / r) * (denoised - old_denoised)
             if eta > 0:
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                z = randn_like(x, generator)
                 x = x + z * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
         old_denoised = denoised
         h_last = h

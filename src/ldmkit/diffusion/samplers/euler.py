@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..sigmas import sigma_batch, to_d
 
 SigmaDenoiserFn = Callable[[Tensor, Tensor], Tensor]
@@ -38,7 +39,7 @@ def churn(
     if gamma <= 0:
         return x, sigma
     sigma_hat = sigma * (gamma + 1)
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * s_noise
+    z = randn_like(x, generator) * s_noise
     return x + z * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 

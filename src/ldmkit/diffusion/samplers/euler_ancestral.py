@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..sigmas import sigma_batch, to_d
 from .euler import SigmaDenoiserFn
 
@@ -57,6 +58,6 @@ def sample_euler_ancestral(
             callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
         x = x + to_d(x, s, denoised) * (sigma_down - s)
         if s_next > 0 and sigma_up > 0:
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            z = randn_like(x, generator)
             x = x + z * s_noise * sigma_up
     return x

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import randn_like
 from ..parameterization import Denoiser, timesteps_like
 from ..schedules import NoiseSchedule, _gather, ddim_timesteps
 from .ddim import ddim_coefficients
@@ -84,7 +85,7 @@ def sample_plms(
         index = n - 1 - i  # walk the grid from its top
         t = timesteps_like(x, int(grid[index]))
         if mask is not None:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = randn_like(x, generator)
             x = schedule.q_sample(x0, t, noise) * mask + (1 - mask) * x
         eps = eps_of(x, t)
         if not history:

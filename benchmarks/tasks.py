@@ -1,0 +1,203 @@
+"""Every conditioning task of the paper trained on this CPU, each with its measured fidelity figure.
+
+Each task trains its small preset end to end (stage 1, then stage 2, as `ldmkit train --config PRESET` does),
+then samples and measures:
+
+  text-bert / text-minilm  caption retrieval accuracy (top-1 among 100 captions) of images generated for
+                           emoji captions, scored by an image-text contrastive model trained on the real emoji
+                           (`evaluation/retrieval.py`); next to it the same model on the real images (ceiling)
+                           and chance (1 %)
+  layout                   digit-classifier accuracy on the crops at the requested boxes of held-out layouts;
+                           the same judge on the real canvases (ceiling)
+  semantic                 IoU between the requested digit pixels and the samples' ink, at the training size
+                           and at 2x (convolutional sampling); shuffled maps as the floor
+  sr / sr-bsr / sr-photos  PSNR / SSIM of x4 samples against the originals, next to bicubic upsampling
+  inpaint / inpaint-photos error inside the hole and seam error, next to a flat mean-colour fill
+  img2img                  distance of SDEdit samples to their input at strength 0.3 / 0.6 / 1.0
+
+Run dirs stay under --runs, so a rerun only re-measures (delete one to retrain). A picture per task goes next
+to them (`<task>.png`). The command:
+
+    .venv/bin/python benchmarks/tasks.py [--task layout ...] [--runs runs/tasks] [--scale 1.0] [--n 200]
+
+--scale multiplies every preset's training steps (0.1 for a quick smoke run: figures then mean little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+
+from ldmkit.config import load_config  # noqa: E402
+from ldmkit.data.images import save_grid  # noqa: E402
+from ldmkit.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldmkit.train import load_task_data, train_ldm  # noqa: E402
+
+TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "text-bert": ("emoji_text_bert", {}),
+    "text-minilm": ("emoji_text_minilm", {}),
+    "layout": ("mnist_layout", {}),
+    "semantic": ("mnist_semantic", {}),
+    "sr": ("mnist_sr", {}),
+    "sr-bsr": ("mnist_sr", {"conditioning.degradation": "bsr"}),
+    "sr-photos": ("photos_sr", {}),
+    "inpaint": ("mnist_inpaint", {}),
+    "inpaint-photos": ("photos_inpaint", {}),
+    "img2img": ("mnist_tiny", {}),
+}
+
+
+def trained(task: str, runs: Path, scale: float) -> tuple[LatentDiffusionPipeline, Any, float]:
+    preset, extra = TASKS[task]
+    cfg = load_config(preset, extra)
+    overrides = dict(extra)
+    if scale != 1.0:
+        overrides["train_autoencoder.steps"] = max(10, int(cfg.train_autoencoder.steps * scale))
+        overrides["train_diffusion.steps"] = max(10, int(cfg.train_diffusion.steps * scale))
+    run = runs / task
+    t0 = time.perf_counter()
+    train_ldm(preset, run, overrides=overrides, progress=False, log=lambda *a: None)
+    seconds = time.perf_counter() - t0
+    return LatentDiffusionPipeline.from_pretrained(run), load_task_data(load_config(preset, overrides), "test"), seconds
+
+
+def sample(pipe: LatentDiffusionPipeline, batch: int = 100, **kw: Any) -> torch.Tensor:
+    return pipe.sample(batch_size=batch, seed=0, **kw)
+
+
+def measure_text(pipe: LatentDiffusionPipeline, n: int, runs: Path) -> tuple[dict[str, float], torch.Tensor]:
+    from ldmkit.data.emoji import emoji_dataset
+    from ldmkit.evaluation.retrieval import caption_retrieval_accuracy, load_or_train_retrieval
+
+    real = emoji_dataset(pipe.resolution, split="all")
+    judge = load_or_train_retrieval(real.images, list(real.captions), runs / "retrieval")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(real.captions), generator=g)[:n]
+    captions = [real.captions[i] for i in idx]
+    images = sample(pipe, prompts=captions)
+    acc = caption_retrieval_accuracy(judge, images, captions, candidates=list(real.captions),
+                                     generator=torch.Generator().manual_seed(1))
+    ceiling = caption_retrieval_accuracy(judge, real.images[idx], captions, candidates=list(real.captions),
+                                         generator=torch.Generator().manual_seed(1))
+    return {"retrieval_top1": acc, "real_emoji_top1": ceiling, "chance": 0.01}, images
+
+
+def _judge(runs: Path) -> torch.nn.Module:
+    from ldmkit.data.mnist import mnist_tensor
+    from ldmkit.evaluation.classifier import load_or_train_judge
+
+    x, y = mnist_tensor("train")
+    return load_or_train_judge(runs / "judge.safetensors", x, y, progress=False)
+
+
+def measure_layout(pipe: LatentDiffusionPipeline, data: Any, n: int, runs: Path) -> tuple[dict[str, float], Any]:
+    from ldmkit.evaluation.layout_eval import box_digit_accuracy
+
+    judge = _judge(runs)
+    lays = data.layouts[:n]
+    images = sample(pipe, layouts=lays)
+    return {"box_accuracy": box_digit_accuracy(images, lays, judge),
+            "real_canvas_accuracy": box_digit_accuracy(data.images[:n], lays, judge), "chance": 0.1}, images
+
+
+def measure_semantic(pipe: LatentDiffusionPipeline, data: Any, n: int) -> tuple[dict[str, float], Any]:
+    from ldmkit.evaluation.layout_eval import segmap_iou
+
+    seg = data.segmaps[:n]
+    images = sample(pipe, segmap=seg)
+    s = seg.shape[-1]
+    big = torch.zeros(n // 4, 2 * s, 2 * s, dtype=torch.long)  # four maps side by side: a 2x canvas
+    for i in range(n // 4):
+        big[i, :s, :s], big[i, :s, s:], big[i, s:, :s], big[i, s:, s:] = seg[4 * i: 4 * i + 4]
+    images2x = sample(pipe, segmap=big)
+    return {"iou": segmap_iou(images, seg), "iou_2x": segmap_iou(images2x, big),
+            "iou_shuffled_maps": segmap_iou(images, seg.roll(1, 0))}, images
+
+
+def measure_sr(pipe: LatentDiffusionPipeline, data: Any, n: int, degradation: str) -> tuple[dict[str, float], Any]:
+    from ldmkit.data.degradations import bicubic_downsample, bsr_degrade
+    from ldmkit.evaluation.restoration import bicubic_baseline, sr_scores
+
+    hr = data.images[:n]
+    f = pipe.cfg.conditioning.sr_factor
+    g = torch.Generator().manual_seed(0)
+    low = bsr_degrade(hr, f, generator=g) if degradation == "bsr" else bicubic_downsample(hr, f)
+    images = sample(pipe, lowres=low)
+    ours, bic = sr_scores(images, hr), bicubic_baseline(low, hr, f)
+    return {"psnr": ours["psnr"], "ssim": ours["ssim"], "bicubic_psnr": bic["psnr"], "bicubic_ssim": bic["ssim"]}, \
+        torch.cat([images[:8], hr[:8]])
+
+
+def measure_inpaint(pipe: LatentDiffusionPipeline, data: Any, n: int) -> tuple[dict[str, float], Any]:
+    from ldmkit.data.masks import random_mask
+    from ldmkit.evaluation.restoration import hole_error, seam_error
+
+    x = data.images[:n]
+    mask = random_mask("mixed", n, x.shape[2], x.shape[3], generator=torch.Generator().manual_seed(0))
+    images = sample(pipe, image=x, mask=mask)
+    flat = x * (1 - mask) + mask * x.mean(dim=(2, 3), keepdim=True)
+    return {"hole_l1": hole_error(images, x, mask), "seam": seam_error(images, mask, target=x),
+            "flat_fill_hole_l1": hole_error(flat, x, mask), "flat_fill_seam": seam_error(flat, mask, target=x)}, \
+        torch.cat([(x * (1 - mask))[:8], images[:8], x[:8]])
+
+
+def measure_img2img(pipe: LatentDiffusionPipeline, n: int) -> tuple[dict[str, float], Any]:
+    from ldmkit.data.mnist import mnist_tensor
+
+    x, y = mnist_tensor("test")
+    x, y = x[:n], y[:n]
+    out, shown = {}, [x[:8]]
+    for s in (0.3, 0.6, 1.0):
+        images = sample(pipe, classes=y.tolist(), image=x, strength=s, guidance=3.0)
+        out[f"l1_to_input_strength_{s}"] = float((images - x).abs().mean())
+        shown.append(images[:8])
+    return out, torch.cat(shown)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", action="append", choices=sorted(TASKS), help="default: all")
+    p.add_argument("--runs", type=Path, default=Path("runs/tasks"))
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the presets' training steps")
+    p.add_argument("--n", type=int, default=200, help="samples measured per task")
+    args = p.parse_args()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for task in args.task or list(TASKS):
+        pipe, data, seconds = trained(task, args.runs, args.scale)
+        t0 = time.perf_counter()
+        if task.startswith("text"):
+            figures, shown = measure_text(pipe, min(args.n, 100), args.runs)
+        elif task == "layout":
+            figures, shown = measure_layout(pipe, data, args.n, args.runs)
+        elif task == "semantic":
+            figures, shown = measure_semantic(pipe, data, args.n)
+        elif task.startswith("sr"):
+            figures, shown = measure_sr(pipe, data, args.n, pipe.cfg.conditioning.degradation)
+        elif task.startswith("inpaint"):
+            figures, shown = measure_inpaint(pipe, data, args.n)
+        else:
+            figures, shown = measure_img2img(pipe, args.n)
+        save_grid(shown[:64], args.runs / f"{task}.png", nrow=8, scale=2)
+        results[task] = {"preset": TASKS[task][0], "train_s": round(seconds),
+                         "measure_s": round(time.perf_counter() - t0), **{k: round(v, 4) for k, v in figures.items()}}
+        print(json.dumps({task: results[task]}), flush=True)
+    (args.runs / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n| task | preset | train (s) | figures |\n|---|---|---|---|")
+    for task, r in results.items():
+        figs = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("preset", "train_s", "measure_s"))
+        print(f"| {task} | {r['preset']} | {r['train_s']} | {figs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
