@@ -52,19 +52,11 @@ def cuda_time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
 def build_pair(size: int) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     """ldmkit's and diffusers' SD-v1 UNets holding the same seeded random weights, on the CPU in fp32."""
     from diffusers import UNet2DConditionModel
+    from sd_unet_step import seeded_sd_unet  # benchmarks/ is on sys.path when this script runs
 
-    from ldmkit.config import load_config
     from ldmkit.interop.diffusers_export import unet_to_diffusers
-    from ldmkit.training.build import build_unet
 
-    cfg = load_config("sd-v1")
-    cfg.unet.use_checkpoint = False
-    torch.manual_seed(0)
-    ours = build_unet(cfg)
-    with torch.no_grad():
-        for prm in ours.parameters():
-            if not prm.any():  # zero-initialised output convs / proj_out
-                prm.normal_(0, 0.02)
+    cfg, ours = seeded_sd_unet()
     dconfig, dstate = unet_to_diffusers(cfg.unet, ours.state_dict(), sample_size=size)
     theirs = UNet2DConditionModel(**{k: v for k, v in dconfig.items() if not k.startswith("_")})
     theirs.load_state_dict(dstate, strict=True)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def child(impl: str, weights: str, config: str, out: str, steps: int, warmup: int, size: int, threads: int) -> None:
@@ -72,6 +73,25 @@ def child(impl: str, weights: str, config: str, out: str, steps: int, warmup: in
                       "peak_rss_gb": peak / 2**20, "rss_before_load_gb": base_rss / 2**20}))
 
 
+def seeded_sd_unet() -> tuple[Any, Any]:
+    """The sd-v1 preset's config and UNet with seeded random weights, zero-initialised layers filled too (so
+    that outputs are not trivially zero). Shared with benchmarks/gpu.py."""
+    import torch
+
+    from ldmkit.config import load_config
+    from ldmkit.training.build import build_unet
+
+    cfg = load_config("sd-v1")
+    cfg.unet.use_checkpoint = False
+    torch.manual_seed(0)
+    unet = build_unet(cfg)
+    with torch.no_grad():
+        for prm in unet.parameters():
+            if not prm.any():  # zero-initialised output convs / proj_out
+                prm.normal_(0, 0.02)
+    return cfg, unet
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1, help="timed steps per library (the fastest is reported)")
@@ -92,19 +112,10 @@ def main() -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ldmkit.config import load_config
     from ldmkit.interop.diffusers_export import unet_to_diffusers
-    from ldmkit.training.build import build_unet
 
     t0 = time.perf_counter()
-    cfg = load_config("sd-v1")
-    cfg.unet.use_checkpoint = False
-    torch.manual_seed(0)
-    unet = build_unet(cfg)
-    with torch.no_grad():
-        for prm in unet.parameters():
-            if not prm.any():  # zero-initialised output convs / proj_out
-                prm.normal_(0, 0.02)
+    cfg, unet = seeded_sd_unet()
     n_params = sum(prm.numel() for prm in unet.parameters())
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
     dconfig, dstate = unet_to_diffusers(cfg.unet, state, sample_size=args.size)
