@@ -100,20 +100,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} samples to {path}")
 
 
-def _read_image(path: str, channels: int, what: str) -> Any:
-    """An image file at its own size -> [1, C, H, W] in [-1, 1]."""
-    import numpy as np
-    import torch
+def _open_image(path: str, what: str) -> Any:
+    """A fully read PIL image, or a one-line error naming the flag and the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+            return im.copy()
     except FileNotFoundError:
         raise CLIError(f"{what} file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise CLIError(f"{what} {path} is not a readable image ({e})") from None
+
+
+def _read_image(path: str, channels: int, what: str) -> Any:
+    """An image file at its own size -> [1, C, H, W] in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    im = _open_image(path, what)
+    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
     x = torch.from_numpy(arr / 127.5 - 1.0)
     return (x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]).contiguous()  # [1, C, H, W]
 
@@ -122,19 +129,11 @@ def _read_index_map(path: str, what: str) -> Any:
     """A PNG whose pixel values are indices (a grey or palette image) -> [H, W] long, values kept as stored."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
-                raise CLIError(f"{what} {path} must be a grey or palette PNG of class indices, got mode {im.mode}")
-            arr = np.asarray(im, dtype=np.int64)
-    except FileNotFoundError:
-        raise CLIError(f"{what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{what} {path} is not a readable image ({e})") from None
-    return torch.from_numpy(arr)
+    im = _open_image(path, what)
+    if im.mode not in ("L", "P", "I", "I;16", "1"):
+        raise CLIError(f"{what} {path} must be a grey or palette PNG of class indices, got mode {im.mode}")
+    return torch.from_numpy(np.asarray(im, dtype=np.int64))
 
 
 def _spatial_inputs(args: argparse.Namespace, channels: int) -> dict[str, Any]:

@@ -12,23 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor
 
 from ..diffusion.parameterization import training_target
 from ..diffusion.schedules import _gather
-from ..latent import LatentCodec
-from ..models.distributions import DiagonalGaussianDistribution
-from ..models.vq import VQModel
-from ..training.conditions import TaskData, build_condition_source
-
-
-@torch.no_grad()
-def clean_latents(codec: LatentCodec, images: Tensor) -> Tensor:
-    """Scaled deterministic latents (posterior mode; VQ pre-quantisation latents) of `images`."""
-    ae = codec.autoencoder
-    z = ae.encode(images) if isinstance(ae, VQModel) else codec.posterior(images).mode()
-    assert not isinstance(z, DiagonalGaussianDistribution)
-    return codec.scale(z)
+from ..training.conditions import TaskData, build_condition_source, clean_latents
 
 
 def _subset(data: TaskData, n: int) -> TaskData:

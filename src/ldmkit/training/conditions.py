@@ -33,7 +33,7 @@ from ..models.vq import VQModel
 
 __all__ = [
     "ConditionSource", "TokenCondition", "ContextCondition", "SpatialCondition", "SuperResCondition",
-    "InpaintCondition", "lowres_concat", "inpaint_concat", "masked_image", "build_condition_source",
+    "InpaintCondition", "clean_latents", "lowres_concat", "inpaint_concat", "masked_image", "build_condition_source",
 ]
 
 
@@ -124,15 +124,19 @@ def masked_image(image: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def clean_latents(codec: LatentCodec, images: Tensor) -> Tensor:
+    """Scaled deterministic latents: the posterior mode (no sampling noise), or VQ pre-quantisation latents."""
+    ae = codec.autoencoder
+    return codec.scale(ae.encode(images) if isinstance(ae, VQModel) else codec.posterior(images).mode())
+
+
+@torch.no_grad()
 def inpaint_concat(codec: LatentCodec, image: Tensor, mask: Tensor, *, mask_first: bool = False) -> Tensor:
     """[B, C_z + 1, h, w]: the scaled latent of the masked image (posterior mode: no sampling noise) and the
     mask resized to the latent (nearest), in LD's order (latent, mask) or SD's (mask, latent)."""
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] != image.shape[0]:
         raise ValueError(f"mask must be [B, 1, H, W] matching the image {tuple(image.shape)}, got {tuple(mask.shape)}")
-    masked = masked_image(image, mask)
-    ae = codec.autoencoder
-    z = ae.encode(masked) if isinstance(ae, VQModel) else codec.posterior(masked).mode()
-    z = codec.scale(z)
+    z = clean_latents(codec, masked_image(image, mask))
     m = F.interpolate(mask, size=z.shape[-2:], mode="nearest")  # [B, 1, h, w]
     return torch.cat([m, z] if mask_first else [z, m], dim=1)
 
