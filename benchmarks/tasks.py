@@ -42,6 +42,10 @@ from ldmkit.data.images import save_grid  # noqa: E402
 from ldmkit.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldmkit.train import load_task_data, train_ldm  # noqa: E402
 
+# tasks on the same data and autoencoder train stage 1 once: the later one adopts the earlier one's (`first_stage`)
+SHARED_FIRST_STAGE = {"text-minilm": "text-bert", "semantic": "layout", "sr-bsr": "sr", "inpaint": "sr",
+                      "inpaint-photos": "sr-photos"}
+
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "text-bert": ("emoji_text_bert", {}),
     "text-minilm": ("emoji_text_minilm", {}),
@@ -64,12 +68,25 @@ def trained(task: str, runs: Path, scale: float) -> tuple[LatentDiffusionPipelin
         overrides["train_autoencoder.steps"] = max(10, int(cfg.train_autoencoder.steps * scale))
         overrides["train_diffusion.steps"] = max(10, int(cfg.train_diffusion.steps * scale))
     run = runs / task
+    donor = runs / SHARED_FIRST_STAGE.get(task, task) / "autoencoder.safetensors"
+    if task in SHARED_FIRST_STAGE and donor.exists():
+        overrides["first_stage"] = str(donor)
     t0 = time.perf_counter()
     train_ldm(preset, run, overrides=overrides, progress=False, log=lambda *a: None)
-    seconds = time.perf_counter() - t0
+    seconds = max(time.perf_counter() - t0, logged_seconds(run))
     pipe = LatentDiffusionPipeline.from_pretrained(run)
     pipe.cfg.sampling = load_config(preset, overrides).sampling  # sample as the preset says now
     return pipe, load_task_data(load_config(preset, overrides), "test"), seconds
+
+
+def logged_seconds(run: Path) -> float:
+    """Training time of a finished run from its logs (a rerun that only re-measures still reports it)."""
+    total = 0.0
+    for name in ("autoencoder_log.jsonl", "ldm_log.jsonl"):
+        if (run / name).exists():
+            lines = (run / name).read_text().splitlines()
+            total += json.loads(lines[-1])["seconds"] if lines else 0.0
+    return total
 
 
 def sample(pipe: LatentDiffusionPipeline, batch: int = 100, **kw: Any) -> torch.Tensor:
@@ -206,7 +223,9 @@ def main() -> int:
         results[task] = {"preset": TASKS[task][0], "train_s": round(seconds),
                          "measure_s": round(time.perf_counter() - t0), **{k: round(v, 4) for k, v in figures.items()}}
         print(json.dumps({task: results[task]}), flush=True)
-    (args.runs / "results.json").write_text(json.dumps(results, indent=2))
+    path = args.runs / "results.json"  # earlier tasks' figures stay: a run may measure one task
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
+    path.write_text(json.dumps(merged, indent=2))
     print("\n| task | preset | train (s) | figures |\n|---|---|---|---|")
     for task, r in results.items():
         figs = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("preset", "train_s", "measure_s"))

@@ -119,6 +119,9 @@ class AutoencoderTrainConfig:
     disc_num_layers: int = 3
     disc_channels: int = 64  # ndf, width of the discriminator's first layer
     checkpoint_every: int = 500  # steps between resumable checkpoints
+    keep_checkpoints: int = 2  # training states kept by step in <run>/checkpoints (plus the best)
+    grad_accum: int = 1  # batch_size is global: split over world size x grad_accum micro-batches
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"; under torchrun each rank takes its GPU
     seed: int = 0
 
 
@@ -137,6 +140,12 @@ class DiffusionTrainConfig:
     weighting: str = "uniform"  # or "min_snr"
     grad_clip: float = 1.0
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # training states kept by step in <run>/checkpoints (plus the best by loss)
+    # batch_size is the global batch: it is split over world size x grad_accum micro-batches (training.distributed)
+    grad_accum: int = 1
+    scale_lr: bool = False  # LD's scale_lr: lr x world size (batch_size is already the global batch)
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 with a gradient scaler)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"; under torchrun each rank takes its GPU
     seed: int = 0
 
 
@@ -162,6 +171,10 @@ class LDMConfig:
     parameterization: str = "eps"  # what the UNet predicts: eps, x0 or v
     scale_factor: float | None = None  # latent scale; None = estimate 1/std from the first batch
     checkpoint_ema: bool = False  # the checkpoint layout carries LitEma `model_ema.*` shadows of the UNet
+    # a finished stage-1 run (directory or its autoencoder.safetensors, e.g. from `ldmkit train-autoencoder`):
+    # stage 2 trains on it instead of a new autoencoder, as LD's first_stage_config.ckpt_path; its own
+    # autoencoder config then replaces `autoencoder`
+    first_stage: str | None = None
 
 
 @dataclass

@@ -7,6 +7,8 @@ the same command continues an interrupted run and skips finished stages.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ from .config import FirstStageConfig, LDMConfig, load_config, load_first_stage_r
 from .data.folder import ImageFolder
 from .data.mnist import mnist_tensor
 from .latent import LatentCodec, estimate_scale_factor
-from .training.autoencoder import train_autoencoder
+from .training.autoencoder import WEIGHTS_FILE as AE_WEIGHTS_FILE
+from .training.autoencoder import load_autoencoder, train_autoencoder
 from .training.build import build_conditioner
 from .training.conditions import TaskData, build_condition_source
 from .training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments, train_diffusion
+from .training.distributed import Dist, barrier, setup
 from .training.loop import draw_batch
 
 
@@ -93,7 +97,8 @@ def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -
 
 
 def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, labels: Tensor | None,
-                       run_dir: Path, progress: bool = True, log: Any = print, data: TaskData | None = None) -> None:
+                       run_dir: Path, progress: bool = True, log: Any = print, data: TaskData | None = None,
+                       dist: Dist | None = None) -> None:
     """Encode the data once, fix the latent scale, train the denoiser (skipped when already finished).
 
     `data` carries the conditions of the other tasks (captions, layouts, class maps); super-resolution and
@@ -105,37 +110,80 @@ def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, label
     if kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
         raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
                          f"{cfg.conditioning.n_classes}")
+    codec.to((dist or Dist()).device(cfg.train_diffusion.device))
     moments = encode_moments(codec, images)
     codec.scale_factor = choose_scale_factor(cfg, moments, codec.latent_channels)
     log(f"latent scale factor: {codec.scale_factor:.5f}")
     if kind in ("none", "class"):
-        train_diffusion(cfg, codec, moments, labels if kind == "class" else None, run_dir, progress=progress)
+        train_diffusion(cfg, codec, moments, labels if kind == "class" else None, run_dir, progress=progress,
+                        dist=dist)
         return
     conditioner = build_conditioner(cfg) if kind == "minilm" else None  # frozen: its context is computed once
     source = build_condition_source(cfg, data if data is not None else TaskData(images, labels=labels), codec,
                                     conditioner)
-    train_diffusion(cfg, codec, moments, source, run_dir, progress=progress, conditioner=conditioner)
+    train_diffusion(cfg, codec, moments, source, run_dir, progress=progress, conditioner=conditioner, dist=dist)
 
 
 def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides: dict[str, Any] | None = None,
-              progress: bool = True, log: Any = print) -> Path:
-    """Both stages end to end; returns the run directory (holding ldm.safetensors)."""
+              progress: bool = True, log: Any = print, dist: Dist | None = None) -> Path:
+    """Both stages end to end; returns the run directory (holding ldm.safetensors).
+
+    Under torchrun every rank runs this same call (`dist` from training.distributed.setup, which it calls
+    itself when not given); rank 0 alone writes files and logs.
+    """
     cfg = config if isinstance(config, LDMConfig) else load_config(config, overrides)
+    d = dist if dist is not None else setup()
+    log = log if d.is_main else (lambda *a: None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if cfg.first_stage is not None:
+        cfg = adopt_first_stage(cfg, run_dir, write=d.is_main)
+        barrier(d)
+    if d.is_main:  # the resolved config (presets, overrides, adopted stage 1) of every run
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     data = load_task_data(cfg)
     images, labels = data.images, data.labels
-    log(f"data: {len(images)} images {tuple(images.shape[1:])}")
-    ae = train_autoencoder(cfg, images, run_dir, progress=progress)
+    log(f"data: {len(images)} images {tuple(images.shape[1:])}" +
+        (f", {d.world_size} processes" if d.distributed else ""))
+    # an adopted first stage is only loaded
+    ae = train_autoencoder(cfg, images, run_dir, progress=progress and d.is_main, dist=d)
     conditional = cfg.conditioning.kind != "none"
     train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log,
-                       data=data)
+                       data=data, dist=d)
     return run_dir
 
 
+def adopt_first_stage(cfg: LDMConfig, run_dir: Path, write: bool = True) -> LDMConfig:
+    """Copy the finished autoencoder named by `cfg.first_stage` into `run_dir`; the config takes its architecture.
+
+    The copy keeps every run directory self-contained (the pipeline loads it from there) and makes stage 1 a
+    finished stage, so `train_autoencoder` only reloads it.
+    """
+    src = Path(cfg.first_stage or "")
+    if src.is_dir():
+        src = src / AE_WEIGHTS_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"first_stage: no autoencoder at {src} (give a stage-1 run directory or its "
+                                f"{AE_WEIGHTS_FILE})")
+    ae = load_autoencoder(src)
+    a = ae.config
+    if a.in_channels != cfg.data.channels:
+        raise ValueError(f"first_stage {src} encodes {a.in_channels}-channel images but data.channels is "
+                         f"{cfg.data.channels}")
+    if a.embed_dim != cfg.unet.out_channels:
+        raise ValueError(f"first_stage {src} has {a.embed_dim} latent channels but unet.out_channels is "
+                         f"{cfg.unet.out_channels}")
+    dst = run_dir / AE_WEIGHTS_FILE
+    if write and not dst.exists():
+        tmp = dst.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)  # atomic: a crash never leaves a half-copied stage 1 that looks finished
+    return replace(cfg, autoencoder=a)
+
+
 def train_first_stage(config: str | Path | FirstStageConfig, run_dir: str | Path, *,
-                      overrides: dict[str, Any] | None = None, progress: bool = True, log: Any = print) -> Path:
+                      overrides: dict[str, Any] | None = None, progress: bool = True, log: Any = print,
+                      dist: Dist | None = None) -> Path:
     """Stage 1 alone (`ldmkit train-autoencoder`): train, then measure PSNR / SSIM on held-out data.
 
     Writes autoencoder.safetensors and metrics.json into `run_dir`; rerunning resumes or, when finished, only
@@ -145,12 +193,17 @@ def train_first_stage(config: str | Path | FirstStageConfig, run_dir: str | Path
     from .training.autoencoder import train_autoencoder as fit
 
     cfg = config if isinstance(config, FirstStageConfig) else load_first_stage_run(config, overrides)
+    d = dist if dist is not None else setup()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if d.is_main:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     images, _ = load_dataset(cfg)
-    log(f"data: {len(images)} images {tuple(images.shape[1:])}")
-    ae = fit(cfg, images, run_dir, progress=progress)
+    if d.is_main:
+        log(f"data: {len(images)} images {tuple(images.shape[1:])}")
+    ae = fit(cfg, images, run_dir, progress=progress and d.is_main, dist=d)
+    if not d.is_main:  # rank 0 measures and writes the metrics
+        return run_dir
     held_out, _ = load_dataset(cfg, "test")
     metrics = evaluate_autoencoder(ae, held_out[:512])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

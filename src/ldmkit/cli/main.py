@@ -192,15 +192,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..train import train_ldm
 
-    run_dir = train_ldm(args.config, args.out, overrides=_parse_overrides(args.set), progress=not args.quiet)
-    print(f"trained: {run_dir} (sample with: ldmkit sample --checkpoint {run_dir} --out grid.png)")
+    from ..training.distributed import setup, teardown
+
+    d = setup()  # a torchrun launch joins its process group; a plain run is a world of 1
+    try:
+        run_dir = train_ldm(args.config, args.out, overrides=_parse_overrides(args.set), progress=not args.quiet,
+                            dist=d)
+    finally:
+        teardown()
+    if d.is_main:
+        print(f"trained: {run_dir} (sample with: ldmkit sample --checkpoint {run_dir} --out grid.png)")
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> None:
     from ..train import train_first_stage
 
-    run_dir = train_first_stage(args.config, args.out, overrides=_parse_overrides(args.set), progress=not args.quiet)
-    print(f"trained: {run_dir / 'autoencoder.safetensors'} (metrics in {run_dir / 'metrics.json'})")
+    from ..training.distributed import setup, teardown
+
+    d = setup()
+    try:
+        run_dir = train_first_stage(args.config, args.out, overrides=_parse_overrides(args.set),
+                                    progress=not args.quiet, dist=d)
+    finally:
+        teardown()
+    if d.is_main:
+        print(f"trained: {run_dir / 'autoencoder.safetensors'} (metrics in {run_dir / 'metrics.json'})")
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:

@@ -55,7 +55,9 @@ def diffusion_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
     b = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=x0.device)
+    # drawn where the generator lives (a CPU generator keeps a GPU run's draws those of the CPU run)
+    t_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator, device=t_device).to(x0.device)
     eps = randn_like(x0, generator)
     x_t = schedule.q_sample(x0, t, eps)
     target = training_target(parameterization, x0, eps, _gather(schedule.alphas_cumprod, t, x0))

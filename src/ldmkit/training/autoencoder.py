@@ -11,7 +11,8 @@ discriminator is on. Without LPIPS weights (none can be downloaded here) the per
 the run says so once; random VGG weights are never used as if they were LPIPS.
 
 Resuming is rerunning the same command: the loop reloads `autoencoder_train.safetensors` from the run
-directory (model, loss module, both optimisers, generator, step) and continues with the same data order.
+directory (model, loss module, both optimisers, step) and continues with the same data order: each step's
+images and noise come from a generator seeded by (seed, step, rank), see training.distributed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscrim
 from ..models.perceptual import LPIPS
 from ..models.vq import VQModel
 from .build import build_autoencoder, load_strict
-from .checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
+from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
+from .distributed import (
+    Dist,
+    average_gradients,
+    barrier,
+    broadcast_module,
+    mean_over_ranks,
+    micro_batches,
+    micro_generator,
+)
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 
 STATE_FILE = "autoencoder_train.safetensors"
@@ -85,8 +95,13 @@ def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: i
 
 
 def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir: str | Path, *,
-                      progress: bool = True) -> AutoencoderKL | VQModel:
-    """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1]."""
+                      progress: bool = True, dist: Dist | None = None) -> AutoencoderKL | VQModel:
+    """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1].
+
+    Under torchrun (`dist`) each rank takes its micro-batches of every step (batch_size / (world size x
+    grad_accum) images each, drawn from their own generators, see training.distributed) and the gradients of
+    both optimisers are averaged over ranks. The GAN's adaptive weight is computed per micro-batch.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train_autoencoder
@@ -96,58 +111,83 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
     if images.ndim != 4 or images.shape[1] != cfg.autoencoder.in_channels:
         raise ValueError(f"expected images [N, {cfg.autoencoder.in_channels}, H, W], got {tuple(images.shape)}")
 
-    ae = seeded_init(tc.seed, lambda: build_autoencoder(cfg)).train()
-    loss_mod = build_first_stage_loss(cfg, build_perceptual(cfg)).train()
+    d = dist if dist is not None else Dist()
+    device = d.device(tc.device)
+    micro, my_micros = micro_batches(tc.batch_size, tc.grad_accum, d)
+    ae = seeded_init(tc.seed, lambda: build_autoencoder(cfg)).to(device).train()
+    loss_mod = build_first_stage_loss(cfg, build_perceptual(cfg)).to(device).train()
     opt_ae = torch.optim.Adam(_ae_parameters(ae, loss_mod, tc.learn_logvar), lr=tc.lr, betas=tc.betas, fused=True)
     opt_d = torch.optim.Adam(loss_mod.discriminator_parameters(), lr=tc.lr, betas=tc.betas)
-    gen = torch.Generator().manual_seed(tc.seed)
-    state_path = run_dir / STATE_FILE
+    keeper = CheckpointKeeper(run_dir / STATE_FILE, tc.keep_checkpoints)
+    state_path = keeper.path
     step = 0
-    if state_path.exists():
-        state, _ = load_state(state_path)
+    loaded = keeper.load(log=print if d.is_main else (lambda *a: None))
+    if loaded is not None:
+        state, _ = loaded
         ae.load_state_dict(state["model"])
         loss_mod.load_state_dict(state["loss"])
         opt_ae.load_state_dict(state["optimizer"])
         opt_d.load_state_dict(state["optimizer_disc"])
-        gen.set_state(state["generator"])
         step = int(state["step"])
 
-    def save() -> None:
-        save_state(state_path, {"model": ae.state_dict(), "loss": loss_mod.state_dict(),
-                                "optimizer": opt_ae.state_dict(), "optimizer_disc": opt_d.state_dict(),
-                                "generator": gen.get_state(), "step": step}, {"kind": "autoencoder_train"})
+    def save(metric: float | None) -> None:
+        if d.is_main:
+            keeper.save({"model": ae.state_dict(), "loss": loss_mod.state_dict(), "optimizer": opt_ae.state_dict(),
+                         "optimizer_disc": opt_d.state_dict(), "step": step}, {"kind": "autoencoder_train"},
+                        step, metric)
+        barrier(d)
 
     disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
-    bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress)
+    bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress and d.is_main,
+                   write=d.is_main)
+    ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt_ae, lr)
         set_lr(opt_d, lr)
-        x = images[draw_batch(len(images), tc.batch_size, gen)]
-        loss, log, rec = first_stage_step(ae, loss_mod, x, step, 0, gen)
-        check_finite(loss, "autoencoder", step, state_path)
         opt_ae.zero_grad(set_to_none=True)
-        loss.backward()
+        total, seen, logs = torch.zeros((), device=device), [], []
+        for m in my_micros:
+            gen = micro_generator(tc.seed, step, m)  # this micro-batch's images and posterior noise
+            x = images[draw_batch(len(images), micro, gen)].to(device)
+            loss, log, rec = first_stage_step(ae, loss_mod, x, step, 0, gen)
+            (loss / len(my_micros)).backward()
+            total += loss.detach() / len(my_micros)
+            seen.append((x, rec.detach()))
+            logs.append(log)
+        total = mean_over_ranks(total, d)
+        check_finite(total, "autoencoder", step, state_path)
+        average_gradients(ae_params, d)
         opt_ae.step()
+        log = logs[-1]
         extra = {"rec": float(log["train/rec_loss"])}
-        if step >= disc_start:  # the discriminator's turn on the same batch (Lightning's optimizer_idx 1)
-            d_loss, d_log = loss_mod(*_disc_args(ae, x, rec.detach(), step))
-            check_finite(d_loss, "discriminator", step, state_path)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+        if step >= disc_start:  # the discriminator's turn on the same images (Lightning's optimizer_idx 1)
+            opt_d.zero_grad(set_to_none=True)  # the generator's backward reached it too
+            d_total = torch.zeros((), device=device)
+            for x, rec in seen:
+                d_loss, _ = loss_mod(*_disc_args(ae, x, rec, step))
+                (d_loss / len(seen)).backward()
+                d_total += d_loss.detach() / len(seen)
+            d_total = mean_over_ranks(d_total, d)
+            check_finite(d_total, "discriminator", step, state_path)
+            average_gradients(list(loss_mod.discriminator_parameters()), d)
             opt_d.step()
-            extra["d_loss"] = d_loss.item()
+            extra["d_loss"] = d_total.item()
             extra["g_loss"] = float(log.get("train/g_loss", 0.0))
         if "train/codebook_usage" in log:  # VQ: share of codes used in the batch, and their perplexity
             extra["usage"] = float(log["train/codebook_usage"])
             extra["perplexity"] = float(log["train/perplexity"])
+        if isinstance(ae, VQModel):  # EMA statistics and dead-code restarts change the codebook off the gradient
+            broadcast_module(ae.quantize, d)
         step += 1
-        bar.update(step, loss.item(), lr, **extra)
+        bar.update(step, total.item(), lr, **extra)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save()
+            save(bar.running)
     bar.close()
     ae.eval()
-    save_checkpoint(final, ae.state_dict(), {"kind": "autoencoder", "autoencoder": to_dict(cfg.autoencoder)})
+    if d.is_main:
+        save_checkpoint(final, ae.state_dict(), {"kind": "autoencoder", "autoencoder": to_dict(cfg.autoencoder)})
+    barrier(d)
     return ae
 
 

@@ -127,6 +127,7 @@ def masked_image(image: Tensor, mask: Tensor) -> Tensor:
 def clean_latents(codec: LatentCodec, images: Tensor) -> Tensor:
     """Scaled deterministic latents: the posterior mode (no sampling noise), or VQ pre-quantisation latents."""
     ae = codec.autoencoder
+    images = images.to(next(ae.parameters()).device)  # training keeps data on the CPU, the first stage may be on a GPU
     return codec.scale(ae.encode(images) if isinstance(ae, VQModel) else codec.posterior(images).mode())
 
 
@@ -137,7 +138,7 @@ def inpaint_concat(codec: LatentCodec, image: Tensor, mask: Tensor, *, mask_firs
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] != image.shape[0]:
         raise ValueError(f"mask must be [B, 1, H, W] matching the image {tuple(image.shape)}, got {tuple(mask.shape)}")
     z = clean_latents(codec, masked_image(image, mask))
-    m = F.interpolate(mask, size=z.shape[-2:], mode="nearest")  # [B, 1, h, w]
+    m = F.interpolate(mask.to(z.device, z.dtype), size=z.shape[-2:], mode="nearest")  # [B, 1, h, w]
     return torch.cat([m, z] if mask_first else [z, m], dim=1)
 
 

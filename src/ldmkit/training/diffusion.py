@@ -9,6 +9,8 @@ unconditional model that classifier-free guidance needs. EMA weights are what ge
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -20,13 +22,15 @@ from ..latent import LatentCodec
 from ..models.distributions import DiagonalGaussianDistribution
 from ..models.vq import VQModel
 from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
-from .checkpoint import load_state, save_checkpoint, save_state
+from .checkpoint import CheckpointKeeper, save_checkpoint
 from .conditions import ConditionSource, TokenCondition
+from .distributed import Dist, barrier, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 
 STATE_FILE = "ldm_train.safetensors"
 WEIGHTS_FILE = "ldm.safetensors"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
@@ -34,9 +38,11 @@ def encode_moments(codec: LatentCodec, images: Tensor, batch_size: int = 500) ->
     """Unscaled first-stage encodings of every image, in eval mode: posterior parameters [N, 2C, h, w]
     (mean | logvar) for a KL first stage, the deterministic pre-quantisation latents [N, C, h, w] for VQ."""
     codec.eval()
+    device = next(codec.autoencoder.parameters()).device
     codec.autoencoder.to(memory_format=torch.channels_last)  # faster CPU convolutions for this one pass
     try:
-        parts = [_encoding(codec, x.contiguous(memory_format=torch.channels_last)) for x in images.split(batch_size)]
+        parts = [_encoding(codec, x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
+                 for x in images.split(batch_size)]
     finally:
         codec.autoencoder.to(memory_format=torch.contiguous_format)
     return torch.cat(parts).contiguous()
@@ -98,11 +104,13 @@ def train_diffusion(
     *,
     progress: bool = True,
     conditioner: nn.Module | None = None,
+    dist: Dist | None = None,
 ) -> LDMParts:
     """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`.
 
     `labels` is a `ConditionSource` (see training.conditions) or, for class-conditional models, the class
     labels [N]. `conditioner` is a prebuilt cond stage (a frozen text encoder whose context the source holds).
+    `dist` says which rank this process is (training.distributed.setup; None = one process on tc.device).
     """
     run_dir = Path(run_dir)
     tc = cfg.train_diffusion
@@ -128,7 +136,15 @@ def train_diffusion(
 
     net, cond_stage = seeded_init(tc.seed, build)
     frozen = is_frozen(cond_stage)
-    net.train()
+    d = dist if dist is not None else Dist()
+    device = d.device(tc.device)
+    micro, my_micros = micro_batches(tc.batch_size, tc.grad_accum, d)
+    if tc.precision not in PRECISIONS:
+        raise ValueError(f"unknown train_diffusion.precision {tc.precision!r}; choose one of {PRECISIONS}")
+    net.to(device).train()
+    codec.to(device)  # conditions that encode images (inpainting) run the first stage where the UNet runs
+    if cond_stage is not None and frozen:
+        cond_stage.to(device)
     ema = EMA(net, tc.ema_decay)
     # fused: one kernel for all parameters instead of a handful of small ops per tensor (~20% of a CPU step)
     # the conditioner may learn more slowly than the UNet: a small transformer at the UNet's CPU-sized rate
@@ -137,46 +153,72 @@ def train_diffusion(
     if net.conditioner is not None:
         groups.append({"params": list(net.conditioner.parameters()), "lr_ratio": tc.cond_lr_ratio})
     opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-    gen = torch.Generator().manual_seed(tc.seed)
-    state_path = run_dir / STATE_FILE
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    keeper = CheckpointKeeper(run_dir / STATE_FILE, tc.keep_checkpoints)
     step = 0
-    if state_path.exists():
-        state, _ = load_state(state_path)
+    loaded = keeper.load(log=print if d.is_main else (lambda *a: None))
+    if loaded is not None:
+        state, _ = loaded
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+    # one process: the network itself; under torchrun: DDP averages the gradients during backward
+    model: nn.Module = net
+    if d.distributed:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    peak_lr = tc.lr * (d.world_size if tc.scale_lr else 1)
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[tc.precision], enabled=tc.precision != "fp32")
 
-    def save() -> None:
-        save_state(state_path, {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                "generator": gen.get_state(), "step": step},
-                   {"kind": "ldm_train", "scale_factor": codec.scale_factor})
+    def save(metric: float | None) -> None:
+        if d.is_main:
+            keeper.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step},
+                        {"kind": "ldm_train", "scale_factor": codec.scale_factor}, step, metric)
+        barrier(d)
 
-    bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress)
+    bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress and d.is_main,
+                   write=d.is_main)
     while step < tc.steps:
-        lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
+        t_step = time.perf_counter()
+        lr = lr_at(step, tc.steps, peak_lr, tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt, lr)
-        idx = draw_batch(len(moments), tc.batch_size, gen)
-        z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen))
-        cond = None if source is None else source.batch(idx, gen)
-        loss = diffusion_loss(net, z, schedule, cond=cond, generator=gen, parameterization=cfg.parameterization,
-                              loss_type=tc.loss_type, weighting=tc.weighting)
-        check_finite(loss, "diffusion", step, state_path)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        opt.step()
+        total = torch.zeros((), device=device)
+        for a, m in enumerate(my_micros):
+            gen = micro_generator(tc.seed, step, m)  # this micro-batch's data, latents and noise
+            idx = draw_batch(len(moments), micro, gen)
+            z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen)).to(device)
+            cond = None if source is None else {k: v.to(device) for k, v in source.batch(idx, gen).items()}
+            # DDP all-reduces on the last micro-batch's backward only
+            sync = model.no_sync() if d.distributed and a < len(my_micros) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = diffusion_loss(model, z, schedule, cond=cond, generator=gen,
+                                          parameterization=cfg.parameterization, loss_type=tc.loss_type,
+                                          weighting=tc.weighting) / len(my_micros)
+                scaler.scale(loss).backward()
+            total += loss.detach().float()
+        total = mean_over_ranks(total, d)  # every rank sees the same value: a NaN anywhere stops them all
+        check_finite(total, "diffusion", step, keeper.path)
+        scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        scaler.step(opt)
+        scaler.update()
         ema.update(net)
         step += 1
-        bar.update(step, loss.item(), lr)
+        bar.update(step, total.item(), lr, grad_norm=float(grad_norm),
+                   images_per_s=tc.batch_size / (time.perf_counter() - t_step))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save()
+            save(bar.running)
     bar.close()
     best = ema.model
     parts = LDMParts(best.unet, codec.autoencoder, cond_stage if frozen else best.conditioner, schedule)
-    save_ldm(run_dir / WEIGHTS_FILE, parts, cfg, codec.scale_factor)
+    if d.is_main:
+        save_ldm(run_dir / WEIGHTS_FILE, parts, cfg, codec.scale_factor)
+    barrier(d)
     return parts
 
 

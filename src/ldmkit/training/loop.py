@@ -57,19 +57,21 @@ def check_finite(loss: Tensor, what: str, step: int, checkpoint: Path) -> None:
 class Progress:
     """A tqdm bar plus a JSON-lines log of (step, loss, lr, seconds)."""
 
-    def __init__(self, total: int, start: int, desc: str, log_path: Path, enabled: bool = True) -> None:
+    def __init__(self, total: int, start: int, desc: str, log_path: Path, enabled: bool = True,
+                 write: bool = True) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         mininterval=1.0)
         self.desc = desc
         self.total = total
         self.log_path = log_path
+        self.write = write  # under torchrun only rank 0 writes the log
         self.t0 = time.perf_counter()
         self.running: float | None = None
 
     def update(self, step: int, loss: float, lr: float, every: int = 50, **extra: Any) -> None:
         self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
         self.bar.update(1)
-        if step % every == 0 or step in (1, self.total):
+        if self.write and (step % every == 0 or step in (1, self.total)):
             self.bar.set_postfix(loss=f"{self.running:.4f}", lr=f"{lr:.2e}")
             rec = {"step": step, "loss": loss, "loss_avg": self.running, "lr": lr,
                    "seconds": round(time.perf_counter() - self.t0, 2), **extra}
