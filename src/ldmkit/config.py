@@ -86,11 +86,15 @@ class DataConfig:
     #                      the public-domain photos bundled with scikit-image; held-out photos for "test"),
     #                      "emoji" (Noto colour emoji with their names as captions) or "canvases" (several MNIST
     #                      digits at random boxes, with their layouts and per-pixel class maps)
-    root: str | None = None  # image folder, or an alternative MNIST directory
+    #                      Own data: "folder" (root = an image folder, class sub-folders optional), "captions"
+    #                      (root = a JSONL / CSV caption file), "shards" (root = webdataset tar shards,
+    #                      "data/shard-{000..099}.tar"); see data.records
+    root: str | None = None  # folder, caption file or shard pattern of own data, or an alternative MNIST directory
     resolution: int = 32  # images are (padded / resized) to resolution x resolution
     channels: int = 1  # 1 = grey, 3 = RGB
     limit: int | None = None  # use only the first `limit` training images (quick runs, tests)
     digits: tuple[int, int] = (1, 4)  # canvases: fewest and most digits per canvas
+    min_size: int = 8  # own data: images whose short side is below this many pixels are skipped (and counted)
 
 
 @dataclass

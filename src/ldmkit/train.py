@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from .config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
-from .data.folder import ImageFolder
 from .data.mnist import mnist_tensor
 from .latent import LatentCodec, estimate_scale_factor
 from .training.autoencoder import WEIGHTS_FILE as AE_WEIGHTS_FILE
@@ -33,9 +32,10 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
     d = cfg.data
     if d.limit is not None and d.limit < 1:
         raise ValueError(f"data.limit must be >= 1, got {d.limit}")
-    if d.name in ("emoji", "canvases"):  # no class labels: their conditions come with load_task_data
+    if d.name in ("emoji", "canvases", "folder", "captions", "shards"):
         data = load_task_data(cfg, split)
-        return data.images, torch.zeros(len(data.images), dtype=torch.long)
+        labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.long)
+        return data.images, labels
     if d.name == "mnist":
         if d.resolution != 32 or d.channels != 1:
             raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
@@ -49,15 +49,9 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
         crops = PhotoCrops("train" if split == "train" else "held_out", d.resolution, d.limit or 4096,
                            seed=0 if split == "train" else 1)
         return crops.images, crops.photo_index
-    elif d.name == "folder":
-        if d.root is None:
-            raise ValueError("data.name 'folder' needs data.root (a folder of images)")
-        ds = ImageFolder(d.root, d.resolution, channels=d.channels)
-        n = len(ds) if d.limit is None else min(d.limit, len(ds))
-        images = torch.stack([ds[i][0] for i in range(n)])
-        labels = torch.as_tensor(ds.labels[:n], dtype=torch.long)
     else:
-        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos', 'folder', 'emoji' or 'canvases'")
+        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos', 'folder', 'captions', 'shards', "
+                         f"'emoji' or 'canvases'")
     return images[: d.limit], labels[: d.limit]
 
 
@@ -83,6 +77,16 @@ def load_task_data(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> T
                             split="train" if split == "train" else "test", seed=0 if split == "train" else 1,
                             root=d.root)
         return TaskData(cv.images, layouts=cv.layouts, segmaps=cv.segmaps)
+    if d.name in ("folder", "captions", "shards"):  # the user's own data, bad files skipped and counted
+        from .data.records import read_captioned, read_folder, read_shards
+
+        if d.root is None:
+            raise ValueError(f"data.name {d.name!r} needs data.root (a folder, a caption file or a shard pattern)")
+        if d.limit is not None and d.limit < 1:
+            raise ValueError(f"data.limit must be >= 1, got {d.limit}")
+        reader = {"folder": read_folder, "captions": read_captioned, "shards": read_shards}[d.name]
+        own = reader(d.root, d.resolution, d.channels, limit=d.limit, min_size=d.min_size)
+        return TaskData(own.images, labels=own.labels, captions=own.captions, skipped=own.report.as_dict())
     images, labels = load_dataset(cfg, split)
     return TaskData(images, labels=labels)
 
@@ -145,6 +149,10 @@ def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides:
     images, labels = data.images, data.labels
     log(f"data: {len(images)} images {tuple(images.shape[1:])}" +
         (f", {d.world_size} processes" if d.distributed else ""))
+    if data.skipped is not None:
+        log(f"data: skipped {data.skipped['skipped']} file(s) {data.skipped['by_reason']}")
+        if d.is_main:
+            (run_dir / "data_report.json").write_text(json.dumps(data.skipped, indent=2))
     # an adopted first stage is only loaded
     ae = train_autoencoder(cfg, images, run_dir, progress=progress and d.is_main, dist=d)
     conditional = cfg.conditioning.kind != "none"

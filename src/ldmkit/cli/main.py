@@ -191,7 +191,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ..train import train_ldm
-
     from ..training.distributed import setup, teardown
 
     d = setup()  # a torchrun launch joins its process group; a plain run is a world of 1
@@ -206,7 +205,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> None:
     from ..train import train_first_stage
-
     from ..training.distributed import setup, teardown
 
     d = setup()

@@ -181,6 +181,7 @@ class TaskData:
     captions: list[str] | None = None
     layouts: list[list[tuple[int, float, float, float, float]]] | None = None
     segmaps: Tensor | None = None  # [N, H, W] long class maps (0 = background)
+    skipped: dict[str, Any] | None = None  # own data: files skipped while reading, by reason (data.records)
 
 
 def _need(value: Any, what: str, cfg: LDMConfig) -> Any:

@@ -1,0 +1,153 @@
+"""Own data read defensively: odd images converted, bad ones skipped and counted, caption files, tar shards,
+and a training run on a folder and on shards seeded with bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmkit.config import load_config
+from ldmkit.data.mnist import mnist_tensor
+from ldmkit.data.records import (
+    BadImage,
+    decode_image,
+    expand_shards,
+    read_caption_file,
+    read_captioned,
+    read_folder,
+    read_shards,
+)
+from ldmkit.train import train_ldm
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def odd_files() -> dict[str, bytes]:
+    """Good-but-odd images (converted) and bad files (skipped), as a scraped folder holds them."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent: must become white, not black
+    sixteen = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))  # mid grey in 16 bit
+    palette = rgb.convert("P")
+    cmyk = rgb.convert("CMYK")
+    good = _jpeg(rgb)
+    return {
+        "a_rgb.png": _png(rgb), "b_grey.png": _png(rgb.convert("L")), "c_rgba.png": _png(rgba),
+        "d_16bit.png": _png(sixteen), "e_palette.png": _png(palette), "f_cmyk.jpg": _jpeg(cmyk),
+        "x_truncated.jpg": good[: len(good) // 2], "y_html.jpg": b"<html>not found</html>",
+        "z_tiny.png": _png(Image.new("RGB", (2, 2), (10, 20, 30))),
+    }
+
+
+def test_odd_images_are_converted_and_bad_ones_raise_their_reason() -> None:
+    files = odd_files()
+    white = decode_image(files["c_rgba.png"], 16, 3)
+    assert white.shape == (3, 16, 16) and torch.allclose(white, torch.ones_like(white))
+    grey = decode_image(files["d_16bit.png"], 16, 1)
+    assert grey.shape == (1, 16, 16) and abs(float(grey.mean())) < 0.01  # 32768 / 65535 -> 0, not clipped to 1
+    assert decode_image(files["f_cmyk.jpg"], 16, 3).shape == (3, 16, 16)
+    for name, reason in (("x_truncated.jpg", "corrupt"), ("y_html.jpg", "unreadable"), ("z_tiny.png", "tiny")):
+        with pytest.raises(BadImage) as e:
+            decode_image(files[name], 16, 3, name=name)
+        assert e.value.reason == reason and name in str(e.value)
+
+
+def test_a_folder_with_bad_files_reads_the_good_ones_and_counts_the_rest(tmp_path: Path) -> None:
+    for name, data in odd_files().items():
+        (tmp_path / name).write_bytes(data)
+    own = read_folder(tmp_path, 16, 3)
+    assert own.images.shape == (6, 3, 16, 16)
+    assert dict(own.report.counts) == {"corrupt": 1, "unreadable": 1, "tiny": 1}
+    assert "x_truncated.jpg" in own.report.summary()
+    with pytest.raises(ValueError, match="no usable images"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "y.jpg").write_bytes(b"nope")
+        read_folder(bad, 16, 3)
+
+
+def test_caption_files_jsonl_and_csv(tmp_path: Path) -> None:
+    files = odd_files()
+    for name in ("a_rgb.png", "x_truncated.jpg"):
+        (tmp_path / name).write_bytes(files[name])
+    (tmp_path / "c.jsonl").write_text('{"file": "a_rgb.png", "caption": "noise"}\n\n'
+                                      '{"path": "x_truncated.jpg", "text": "broken"}\n'
+                                      '{"image": "gone.png", "caption": "missing"}\n')
+    own = read_captioned(tmp_path / "c.jsonl", 16, 3)
+    assert own.captions == ["noise"] and dict(own.report.counts) == {"corrupt": 1, "missing": 1}
+    (tmp_path / "c.csv").write_text('file,caption\na_rgb.png,"a, comma"\n')
+    assert read_caption_file(tmp_path / "c.csv") == [(tmp_path / "a_rgb.png", "a, comma")]
+    (tmp_path / "bad.jsonl").write_text('{"file": "a_rgb.png"}\n')
+    with pytest.raises(ValueError, match="row 1 needs a file"):
+        read_caption_file(tmp_path / "bad.jsonl")
+
+
+def write_mnist_shards(folder: Path, n_per_shard: int = 100, shards: int = 2) -> list[int]:
+    """MNIST digits as webdataset shards (png + txt caption + cls), one bad image and one image-less sample
+    in the first shard, the last shard truncated mid-file. Returns the labels written whole."""
+    x, y = mnist_tensor("train")
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "zero one two three four five six seven eight nine".split()
+    labels = []
+    for s in range(shards):
+        path = folder / f"part-{s:03d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(s * n_per_shard, (s + 1) * n_per_shard):
+                img = Image.fromarray(((x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
+                data = {"png": _png(img), "txt": f"a handwritten {words[int(y[i])]}".encode(),
+                        "cls": str(int(y[i])).encode()}
+                if s == 0 and i == 3:
+                    data["png"] = b"\x89PNG broken"
+                if s == 0 and i == 4:
+                    data = {"txt": b"a caption without its image"}
+                for ext, payload in data.items():
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                if not (s == 0 and i in (3, 4)):
+                    labels.append(int(y[i]))
+    last = folder / f"part-{shards - 1:03d}.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a download cut short
+    return labels
+
+
+def test_tar_shards_stream_samples_and_survive_a_truncated_shard(tmp_path: Path) -> None:
+    write_mnist_shards(tmp_path / "shards")
+    assert len(expand_shards(str(tmp_path / "shards" / "part-{000..001}.tar"))) == 2
+    own = read_shards(str(tmp_path / "shards" / "part-{000..001}.tar"), 32, 1)
+    counts = dict(own.report.counts)
+    assert counts.pop("unreadable") == 1 and counts.pop("no image") == 1 and counts.pop("damaged shard") == 1
+    assert 98 + 30 <= len(own.images) < 198  # all of shard 0 but two, part of the truncated shard 1
+    assert own.captions is not None and own.captions[0] == "a handwritten " + ["zero", "one", "two", "three",
+                                                                                "four", "five", "six", "seven",
+                                                                                "eight", "nine"][own.labels[0]]
+    assert read_shards(str(tmp_path / "shards"), 32, 1, limit=10).images.shape == (10, 1, 32, 32)
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        read_shards(str(tmp_path / "none-*.tar"), 32, 1)
+
+
+def test_training_on_shards_with_bad_samples_reports_what_it_skipped(tmp_path: Path) -> None:
+    labels = write_mnist_shards(tmp_path / "shards")
+    over = {"data.name": "shards", "data.root": str(tmp_path / "shards"), "train_autoencoder.steps": 4,
+            "train_diffusion.steps": 4}
+    run = train_ldm(load_config("mnist_tiny", over), tmp_path / "run", progress=False, log=lambda s: None)
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["skipped"] == 3 and report["by_reason"]["damaged shard"] == 1
+    assert (run / "ldm.safetensors").exists()
+    assert len(labels) > 100
