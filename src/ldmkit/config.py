@@ -124,6 +124,8 @@ class AutoencoderTrainConfig:
     disc_channels: int = 64  # ndf, width of the discriminator's first layer
     checkpoint_every: int = 500  # steps between resumable checkpoints
     keep_checkpoints: int = 2  # training states kept by step in <run>/checkpoints (plus the best)
+    sample_every: int = 0  # steps between preview grids in <run>/samples and TensorBoard (0 = none)
+    tensorboard: bool = True  # TensorBoard scalars and images in <run>/tb when the package is installed
     grad_accum: int = 1  # batch_size is global: split over world size x grad_accum micro-batches
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"; under torchrun each rank takes its GPU
     seed: int = 0
@@ -145,6 +147,8 @@ class DiffusionTrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # training states kept by step in <run>/checkpoints (plus the best by loss)
+    sample_every: int = 0  # steps between preview grids in <run>/samples and TensorBoard (0 = none)
+    tensorboard: bool = True  # TensorBoard scalars and images in <run>/tb when the package is installed
     # batch_size is the global batch: it is split over world size x grad_accum micro-batches (training.distributed)
     grad_accum: int = 1
     scale_lr: bool = False  # LD's scale_lr: lr x world size (batch_size is already the global batch)

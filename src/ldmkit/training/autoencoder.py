@@ -40,6 +40,7 @@ from .distributed import (
     micro_generator,
 )
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
+from .previews import preview_reconstructions
 
 STATE_FILE = "autoencoder_train.safetensors"
 WEIGHTS_FILE = "autoencoder.safetensors"
@@ -139,7 +140,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
 
     disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
     bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress and d.is_main,
-                   write=d.is_main)
+                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None)
     ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
@@ -181,6 +182,9 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
             broadcast_module(ae.quantize, d)
         step += 1
         bar.update(step, total.item(), lr, **extra)
+        if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and d.is_main:
+            grid = preview_reconstructions(ae, images[:8])
+            bar.image("reconstructions", grid, step, run_dir / "samples" / f"autoencoder_step{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save(bar.running)
     bar.close()

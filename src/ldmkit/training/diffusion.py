@@ -27,6 +27,7 @@ from .conditions import ConditionSource, TokenCondition
 from .distributed import Dist, barrier, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
+from .previews import preview_samples
 
 STATE_FILE = "ldm_train.safetensors"
 WEIGHTS_FILE = "ldm.safetensors"
@@ -180,7 +181,7 @@ def train_diffusion(
         barrier(d)
 
     bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress and d.is_main,
-                   write=d.is_main)
+                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None)
     while step < tc.steps:
         t_step = time.perf_counter()
         lr = lr_at(step, tc.steps, peak_lr, tc.warmup_steps, tc.lr_min_ratio)
@@ -211,6 +212,10 @@ def train_diffusion(
         step += 1
         bar.update(step, total.item(), lr, grad_norm=float(grad_norm),
                    images_per_s=tc.batch_size / (time.perf_counter() - t_step))
+        if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and d.is_main:
+            shape = codec.latent_shape(cfg.data.resolution)
+            grid = preview_samples(ema.model, codec, schedule, cfg.parameterization, source, len(moments), shape)
+            bar.image("samples", grid, step, run_dir / "samples" / f"step{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save(bar.running)
     bar.close()

@@ -55,10 +55,15 @@ def check_finite(loss: Tensor, what: str, step: int, checkpoint: Path) -> None:
 
 
 class Progress:
-    """A tqdm bar plus a JSON-lines log of (step, loss, lr, seconds)."""
+    """A tqdm bar with ETA, a JSON-lines log of (step, loss, lr, seconds, ...), TensorBoard scalars and images.
+
+    TensorBoard event files go to `tb_dir` when the tensorboard package is installed (`pip install
+    tensorboard`); without it the run says so once and keeps the JSON-lines log. Under torchrun only rank 0
+    writes (`write`).
+    """
 
     def __init__(self, total: int, start: int, desc: str, log_path: Path, enabled: bool = True,
-                 write: bool = True) -> None:
+                 write: bool = True, tb_dir: Path | None = None) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         mininterval=1.0)
         self.desc = desc
@@ -67,6 +72,14 @@ class Progress:
         self.write = write  # under torchrun only rank 0 writes the log
         self.t0 = time.perf_counter()
         self.running: float | None = None
+        self.tb: Any = None
+        if write and tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print(f"{desc}: tensorboard is not installed (pip install tensorboard); logging to {log_path} only")
+            else:
+                self.tb = SummaryWriter(str(tb_dir))
 
     def update(self, step: int, loss: float, lr: float, every: int = 50, **extra: Any) -> None:
         self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
@@ -77,7 +90,24 @@ class Progress:
                    "seconds": round(time.perf_counter() - self.t0, 2), **extra}
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tb is not None:
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"{self.desc}/{k}", v, step)
+
+    def image(self, name: str, images: Tensor, step: int, path: Path, nrow: int = 8) -> None:
+        """A grid of images in [-1, 1] as a PNG file and a TensorBoard image."""
+        if not self.write:
+            return
+        from ..data.images import make_grid, save_grid
+
+        save_grid(images, path, nrow=nrow)
+        if self.tb is not None:
+            grid = make_grid(images.float().cpu(), nrow)  # [C, H, W] in [-1, 1]
+            self.tb.add_image(f"{self.desc}/{name}", ((grid + 1) / 2).clamp(0, 1), step)
 
     def close(self) -> float:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
         return time.perf_counter() - self.t0
