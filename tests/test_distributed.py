@@ -153,3 +153,22 @@ def test_checkpoints_rotate_keep_the_best_and_fall_back_when_the_latest_is_damag
         p.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no readable training state"):
         keeper.load(log=notes.append)
+
+
+def test_two_process_streamed_training_reads_disjoint_shards_and_saves_both_positions(tmp_path: Path) -> None:
+    from test_records import write_clean_shards
+
+    write_clean_shards(tmp_path / "shards")
+    over = {"data.name": "shards", "data.root": str(tmp_path / "shards"), "data.stream": "true",
+            "train_autoencoder.steps": 4, "train_autoencoder.batch_size": 16, "train_diffusion.steps": 4,
+            "train_diffusion.batch_size": 16, "train_diffusion.checkpoint_every": 2}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "ldmkit.cli.main", "train", "--config", "mnist_tiny", "--out", str(tmp_path / "run"), "--quiet",
+           *_sets(over)]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state, _ = load_state(tmp_path / "run" / "ldm_train.safetensors")
+    positions = state["data"]
+    assert [p["rank"] for p in positions] == [0, 1] and all(p["world_size"] == 2 for p in positions)
+    # 4 steps x 8 images per rank = 32 samples each, read from each rank's own first shard (40 samples)
+    assert all(p["consumed"] == 32 and p["shard_pos"] == 0 for p in positions)

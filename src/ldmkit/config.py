@@ -95,6 +95,7 @@ class DataConfig:
     limit: int | None = None  # use only the first `limit` training images (quick runs, tests)
     digits: tuple[int, int] = (1, 4)  # canvases: fewest and most digits per canvas
     min_size: int = 8  # own data: images whose short side is below this many pixels are skipped (and counted)
+    stream: bool = False  # shards: train reading them as it goes (data.stream), never holding them in memory
 
 
 @dataclass

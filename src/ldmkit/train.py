@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
 from .data.mnist import mnist_tensor
+from .data.stream import ShardStream
 from .latent import LatentCodec, estimate_scale_factor
 from .training.autoencoder import WEIGHTS_FILE as AE_WEIGHTS_FILE
 from .training.autoencoder import load_autoencoder, train_autoencoder
@@ -102,8 +103,11 @@ def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -
 
 def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, labels: Tensor | None,
                        run_dir: Path, progress: bool = True, log: Any = print, data: TaskData | None = None,
-                       dist: Dist | None = None) -> None:
+                       dist: Dist | None = None, stream: ShardStream | None = None) -> None:
     """Encode the data once, fix the latent scale, train the denoiser (skipped when already finished).
+
+    With a `stream` (data.stream) nothing is encoded up front: the scale comes from the first 512 samples of
+    the shards and every batch is encoded as it is read.
 
     `data` carries the conditions of the other tasks (captions, layouts, class maps); super-resolution and
     inpainting make theirs from `images`.
@@ -115,6 +119,14 @@ def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, label
         raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
                          f"{cfg.conditioning.n_classes}")
     codec.to((dist or Dist()).device(cfg.train_diffusion.device))
+    if stream is not None:
+        first = open_stream(cfg).take(512)[0]  # the same samples on every rank: one scale for all
+        codec.scale_factor = choose_scale_factor(cfg, encode_moments(codec, first), codec.latent_channels)
+        log(f"latent scale factor: {codec.scale_factor:.5f} (from the first 512 samples)")
+        conditioner = build_conditioner(cfg) if kind == "minilm" else None
+        train_diffusion(cfg, codec, None, None, run_dir, progress=progress, conditioner=conditioner, dist=dist,
+                        stream=stream)
+        return
     moments = encode_moments(codec, images)
     codec.scale_factor = choose_scale_factor(cfg, moments, codec.latent_channels)
     log(f"latent scale factor: {codec.scale_factor:.5f}")
@@ -145,6 +157,8 @@ def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides:
         barrier(d)
     if d.is_main:  # the resolved config (presets, overrides, adopted stage 1) of every run
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if cfg.data.stream:
+        return _train_ldm_streamed(cfg, run_dir, d, progress, log)
     data = load_task_data(cfg)
     images, labels = data.images, data.labels
     log(f"data: {len(images)} images {tuple(images.shape[1:])}" +
@@ -158,6 +172,33 @@ def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides:
     conditional = cfg.conditioning.kind != "none"
     train_second_stage(cfg, LatentCodec(ae), images, labels if conditional else None, run_dir, progress, log,
                        data=data, dist=d)
+    return run_dir
+
+
+def open_stream(cfg: LDMConfig | FirstStageConfig, d: Dist | None = None, seed: int = 0) -> ShardStream:
+    """The shards of `data.root` as this rank's stream (data.stream: true, data.name "shards")."""
+    dc = cfg.data
+    if dc.name != "shards" or dc.root is None:
+        raise ValueError("data.stream reads webdataset shards: set data.name 'shards' and data.root to the shards")
+    d = d or Dist()
+    return ShardStream(dc.root, dc.resolution, dc.channels, min_size=dc.min_size, seed=seed, rank=d.rank,
+                       world_size=d.world_size)
+
+
+def _train_ldm_streamed(cfg: LDMConfig, run_dir: Path, d: Dist, progress: bool, log: Any) -> Path:
+    """Both stages reading the shards as they train; what was skipped is reported at the end."""
+    log(f"data: streaming {cfg.data.root}" + (f", {d.world_size} processes" if d.distributed else ""))
+    s1 = open_stream(cfg, d, cfg.train_autoencoder.seed)
+    ae = train_autoencoder(cfg, s1, run_dir, progress=progress and d.is_main, dist=d)
+    s2 = open_stream(cfg, d, cfg.train_diffusion.seed)
+    train_second_stage(cfg, LatentCodec(ae), torch.empty(0), None, run_dir, progress, log, dist=d, stream=s2)
+    report = s1.report
+    report.counts.update(s2.report.counts)
+    for k, v in s2.report.examples.items():
+        report.examples.setdefault(k, v)
+    log(f"data: {report.summary()}")
+    if d.is_main:
+        (run_dir / "data_report.json").write_text(json.dumps(report.as_dict(), indent=2))
     return run_dir
 
 
@@ -206,13 +247,19 @@ def train_first_stage(config: str | Path | FirstStageConfig, run_dir: str | Path
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    images, _ = load_dataset(cfg)
-    if d.is_main:
-        log(f"data: {len(images)} images {tuple(images.shape[1:])}")
+    if cfg.data.stream:
+        images: Tensor | ShardStream = open_stream(cfg, d, cfg.train_autoencoder.seed)
+        if d.is_main:
+            log(f"data: streaming {cfg.data.root}")
+    else:
+        images, _ = load_dataset(cfg)
+        if d.is_main:
+            log(f"data: {len(images)} images {tuple(images.shape[1:])}")
     ae = fit(cfg, images, run_dir, progress=progress and d.is_main, dist=d)
     if not d.is_main:  # rank 0 measures and writes the metrics
         return run_dir
-    held_out, _ = load_dataset(cfg, "test")
+    # own data has no held-out split: the first images stand in (streamed: the first 512 of the shards)
+    held_out = open_stream(cfg).take(512)[0] if cfg.data.stream else load_dataset(cfg, "test")[0]
     metrics = evaluate_autoencoder(ae, held_out[:512])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log(f"held-out reconstruction ({metrics['n_images']} images): PSNR {metrics['psnr_db']:.2f} dB, "

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import FirstStageConfig, LDMConfig, from_dict, to_dict
+from ..data.stream import ShardStream
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
 from ..models.perceptual import LPIPS
@@ -35,6 +36,7 @@ from .distributed import (
     average_gradients,
     barrier,
     broadcast_module,
+    gather_objects,
     mean_over_ranks,
     micro_batches,
     micro_generator,
@@ -95,9 +97,10 @@ def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: i
     return loss, log, rec
 
 
-def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir: str | Path, *,
+def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardStream, run_dir: str | Path, *,
                       progress: bool = True, dist: Dist | None = None) -> AutoencoderKL | VQModel:
-    """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1].
+    """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1], or on
+    a `ShardStream` (read on, never held in memory; its position is saved with the checkpoints).
 
     Under torchrun (`dist`) each rank takes its micro-batches of every step (batch_size / (world size x
     grad_accum) images each, drawn from their own generators, see training.distributed) and the gradients of
@@ -109,7 +112,8 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
     final = run_dir / WEIGHTS_FILE
     if final.exists():
         return load_autoencoder(final)
-    if images.ndim != 4 or images.shape[1] != cfg.autoencoder.in_channels:
+    stream = images if isinstance(images, ShardStream) else None
+    if stream is None and (images.ndim != 4 or images.shape[1] != cfg.autoencoder.in_channels):
         raise ValueError(f"expected images [N, {cfg.autoencoder.in_channels}, H, W], got {tuple(images.shape)}")
 
     d = dist if dist is not None else Dist()
@@ -130,18 +134,22 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
         opt_ae.load_state_dict(state["optimizer"])
         opt_d.load_state_dict(state["optimizer_disc"])
         step = int(state["step"])
+        if stream is not None and state.get("data"):
+            stream.load_state_dict(state["data"][min(d.rank, len(state["data"]) - 1)])
 
     def save(metric: float | None) -> None:
+        data = gather_objects(stream.state_dict(), d) if stream is not None else []  # every rank's position
         if d.is_main:
             keeper.save({"model": ae.state_dict(), "loss": loss_mod.state_dict(), "optimizer": opt_ae.state_dict(),
-                         "optimizer_disc": opt_d.state_dict(), "step": step}, {"kind": "autoencoder_train"},
-                        step, metric)
+                         "optimizer_disc": opt_d.state_dict(), "step": step, "data": data},
+                        {"kind": "autoencoder_train"}, step, metric)
         barrier(d)
 
     disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
     bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress and d.is_main,
                    write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None)
     ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
+    shown = None if stream is not None else images[:8]
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt_ae, lr)
@@ -150,7 +158,10 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
         total, seen, logs = torch.zeros((), device=device), [], []
         for m in my_micros:
             gen = micro_generator(tc.seed, step, m)  # this micro-batch's images and posterior noise
-            x = images[draw_batch(len(images), micro, gen)].to(device)
+            x = (stream.take(micro)[0] if stream is not None else images[draw_batch(len(images), micro, gen)])
+            x = x.to(device)
+            if shown is None:
+                shown = x[:8].cpu()  # the reconstruction previews show the same images all run
             loss, log, rec = first_stage_step(ae, loss_mod, x, step, 0, gen)
             (loss / len(my_micros)).backward()
             total += loss.detach() / len(my_micros)
@@ -183,7 +194,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor, run_dir
         step += 1
         bar.update(step, total.item(), lr, **extra)
         if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and d.is_main:
-            grid = preview_reconstructions(ae, images[:8])
+            grid = preview_reconstructions(ae, shown)
             bar.image("reconstructions", grid, step, run_dir / "samples" / f"autoencoder_step{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save(bar.running)

