@@ -222,3 +222,18 @@ def test_streamed_training_resumes_bitwise_and_reports(tmp_path: Path, monkeypat
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert json.loads((full / "data_report.json").read_text())["skipped"] == 0
+
+
+def test_training_on_a_folder_of_odd_and_bad_files(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, data in odd_files().items():
+        (folder / name).write_bytes(data)
+    over = {"data.name": "folder", "data.root": str(folder), "train_autoencoder.steps": 3,
+            "train_autoencoder.batch_size": 4, "train_diffusion.steps": 3, "train_diffusion.batch_size": 4}
+    logs: list[str] = []
+    run = train_ldm(load_config("mnist_tiny", over), tmp_path / "run", progress=False, log=logs.append)
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["skipped"] == 3 and report["by_reason"] == {"corrupt": 1, "unreadable": 1, "tiny": 1}
+    assert any("data: 6 images" in line for line in logs) and any("skipped 3" in line for line in logs)
+    assert (run / "ldm.safetensors").exists()

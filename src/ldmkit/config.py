@@ -128,6 +128,7 @@ class AutoencoderTrainConfig:
     sample_every: int = 0  # steps between preview grids in <run>/samples and TensorBoard (0 = none)
     tensorboard: bool = True  # TensorBoard scalars and images in <run>/tb when the package is installed
     grad_accum: int = 1  # batch_size is global: split over world size x grad_accum micro-batches
+    scale_lr: bool = False  # LD's scale_lr: lr x world size (batch_size is already the global batch)
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"; under torchrun each rank takes its GPU
     seed: int = 0
 

@@ -151,7 +151,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
     shown = None if stream is not None else images[:8]
     while step < tc.steps:
-        lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.lr_min_ratio)
+        lr = lr_at(step, tc.steps, tc.lr * (d.world_size if tc.scale_lr else 1), tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt_ae, lr)
         set_lr(opt_d, lr)
         opt_ae.zero_grad(set_to_none=True)
