@@ -20,12 +20,13 @@ Nothing is downloaded. Pretrained weights come from two files the user supplies,
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .weights_file import WeightsFileError, read_tensor_file
 
 # LPIPS input normalisation for images in [-1, 1]: (x - shift) / scale (lpips ScalingLayer).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -217,25 +218,10 @@ class LPIPS(nn.Module):
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weights file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LPIPSWeightsError(f"{path} is not a readable safetensors file: {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise LPIPSWeightsError(
-            f"cannot read {path} as a tensor-only PyTorch file (weights_only=True): {str(e).splitlines()[0]}"
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise LPIPSWeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+        return read_tensor_file(path, "LPIPS weights file")
+    except WeightsFileError as e:
+        raise LPIPSWeightsError(str(e)) from None
 
 
 def _expected_shapes_vgg16() -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
