@@ -125,3 +125,20 @@ def test_tf1_resize_rule() -> None:
     x = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 4, 4)
     up = resize_bilinear_tf1(x, 8)[0, 0, 0]  # source position i * 4 / 8 = i / 2, last pixels held
     assert torch.allclose(up, torch.tensor([0, 0.5, 1, 1.5, 2, 2.5, 3, 3]))
+
+
+def test_in_domain_emoji_features_are_selectable_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("emoji")
+    from ldmkit.data.emoji import emoji_dataset
+    from ldmkit.evaluation.generative_eval import compare, extract, feature_net
+
+    net = feature_net("emoji", tmp_path, train_steps=30)
+    real = emoji_dataset(32, split="all").images
+    a, b = extract(net, real[:300]), extract(net, real[300:600])
+    noise = extract(net, torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert a[0].shape == (300, 128) and a[1] is None
+    same, other = compare(net, b, a, kid_subsets=5), compare(net, noise, a, kid_subsets=5)
+    assert "FD_emoji" in same and "FID" not in same
+    assert same["FD_emoji"] < other["FD_emoji"] and same["KID_emoji"] < other["KID_emoji"]
+    with pytest.raises(ValueError, match="unknown feature network"):
+        feature_net("clip", tmp_path)

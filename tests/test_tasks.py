@@ -131,8 +131,10 @@ def test_semantic_synthesis_follows_the_map_at_any_size(semantic):
     assert gap["ratio"] < 0.95, gap
     seg = data.segmaps[:4]
     out = pipe.sample(segmap=seg, steps=10, seed=0)
-    right = segmap_iou(out, seg)
-    wrong = segmap_iou(out, seg.roll(1, 0))
+    # a model this small draws faint strokes: ink is what rises above the samples' mean, for both maps alike
+    ink = float(out.mean())
+    right = segmap_iou(out, seg, threshold=ink)
+    wrong = segmap_iou(out, seg.roll(1, 0), threshold=ink)
     assert right > wrong, (right, wrong)
     big = torch.zeros(1, 64, 64, dtype=torch.long)
     big[0, :32, :32], big[0, 32:, 32:] = seg[0], seg[1]

@@ -252,6 +252,20 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
     print(f"  PSNR {metrics['psnr_db']:.2f} dB   SSIM {metrics['ssim']:.4f}   rFD {rfd}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..evaluate import evaluate_run
+    from ..evaluation.generative_eval import markdown_report
+
+    if not Path(args.run).exists():
+        raise CLIError(f"run or checkpoint not found: {args.run}")
+    report = evaluate_run(args.run, args.out, n=args.n, features=args.features, reference=args.reference,
+                          inception_weights=args.inception_weights, batch=args.batch, seed=args.seed,
+                          sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                          cache_dir=args.cache, log=(lambda *a: None) if args.quiet else print)
+    print(markdown_report(report))
+    print(f"report: {Path(args.out) / 'report.json'} and report.md; samples in {Path(args.out) / 'samples'}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -359,6 +373,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval_autoencoder)
+
+    v = sub.add_parser("eval", help="sample a run and score it: FD/FID, KID, IS, precision/recall vs real images")
+    v.add_argument("run", help="run directory or checkpoint (unconditional or class-conditional)")
+    v.add_argument("--out", required=True, help="folder for samples/ and report.json / report.md (resumable)")
+    v.add_argument("--n", type=int, default=1000, help="number of samples (and of reference images at most)")
+    v.add_argument("--features", default="digits", choices=["digits", "photos", "emoji", "inception"],
+                   help="feature network: in-domain 'digits' / 'photos' / 'emoji', or the FID 'inception' "
+                        "(needs --inception-weights)")
+    v.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+    v.add_argument("--reference", default="test", help="'test', 'train' (the run's dataset) or an image folder")
+    v.add_argument("--sampler", default=None)
+    v.add_argument("--steps", type=int, default=None)
+    v.add_argument("--guidance", type=float, default=None)
+    v.add_argument("--eta", type=float, default=None)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--batch", type=int, default=100)
+    v.add_argument("--cache", default=None, help="reference-feature cache (default ~/.cache/ldmkit/eval)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
     i.add_argument("checkpoint", help=".ckpt / .safetensors file (CompVis LDM, Stable Diffusion, or an autoencoder)")
