@@ -11,7 +11,7 @@ The protocol, written into every report:
   features    see evaluation.generative_eval: Inception figures are FID/KID/IS; in-domain ones carry the
               network's name (FD_digits, ...)
   metrics     FD / FID on all samples; KID: mean and std of the unbiased MMD^2 over 100 subsets of
-              min(1000, n); precision / recall with k = 3; conditional accuracy by the MNIST judge for
+              min(1000, n / 2); precision / recall with k = 3; conditional accuracy by the MNIST judge for
               class-conditional MNIST models
 """
 
@@ -117,7 +117,7 @@ def evaluate_run(run: str | Path, out_dir: str | Path, *, n: int = 1000, feature
             "features": net.describe, "sampler": options["sampler"], "steps": options["steps"],
             "eta": options["eta"], "guidance": options["guidance"], "seeds": f"{seed} + batch index, batch {batch}",
             "classes": f"0..{pipe.n_classes - 1} in turn" if pipe.n_classes else "unconditional",
-            "kid": "unbiased MMD^2, cubic polynomial kernel, 100 subsets of min(1000, n)",
+            "kid": "unbiased MMD^2, cubic polynomial kernel, 100 subsets of min(1000, n / 2)",
             "precision_recall": "Kynkaanniemi et al. 2019, k = 3",
         },
     }

@@ -120,7 +120,9 @@ def compare(net: FeatureNet, fake: tuple[Tensor, Tensor | None], real: tuple[Ten
     s = net.suffix
     (ff, fl), (rf, _) = fake, real
     out = {f"FID{s}" if not s else f"FD{s}": frechet_distance(*feature_statistics(ff), *feature_statistics(rf))}
-    kid, kid_std = kernel_inception_distance(rf, ff, subsets=kid_subsets, subset_size=kid_subset_size,
+    # subsets of at most half the smaller set: equal to the whole set, every subset would be the same (std 0)
+    size = min(kid_subset_size, min(len(ff), len(rf)) // 2)
+    kid, kid_std = kernel_inception_distance(rf, ff, subsets=kid_subsets, subset_size=size,
                                              generator=torch.Generator().manual_seed(seed))
     out[f"KID{s}"], out[f"KID{s}_std"] = kid, kid_std
     precision, recall = precision_recall(rf, ff, k=k)
