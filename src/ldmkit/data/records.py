@@ -218,6 +218,23 @@ def caption_of(parts: dict[str, bytes]) -> str | None:
     return None
 
 
+def decode_sample(key: str, parts: dict[str, bytes], resolution: int, channels: int, min_size: int,
+                  report: SkipReport) -> tuple[Tensor, int, str] | None:
+    """One webdataset sample -> (image, class label (0 without .cls), caption ("" without one)), or None with
+    the reason counted in `report`."""
+    found = image_of(parts)
+    if found is None:
+        report.skip("no image", key)
+        return None
+    try:
+        image = decode_image(found[1], resolution, channels, min_size=min_size, name=key)
+    except BadImage as e:
+        report.skip(e.reason, key)
+        return None
+    cls = (parts.get("cls") or b"").decode(errors="replace").strip()
+    return image, int(cls) if cls.lstrip("-").isdigit() else 0, caption_of(parts) or ""
+
+
 def image_of(parts: dict[str, bytes]) -> tuple[str, bytes] | None:
     for ext, data in parts.items():
         if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
@@ -293,17 +310,10 @@ def read_shards(pattern: str, resolution: int, channels: int, *, limit: int | No
     for key, parts in iter_shard_samples(shards, report):
         if limit is not None and len(images) >= limit:
             break
-        found = image_of(parts)
-        if found is None:
-            report.skip("no image", key)
-            continue
-        try:
-            images.append(decode_image(found[1], resolution, channels, min_size=min_size, name=key))
-        except BadImage as e:
-            report.skip(e.reason, key)
-            continue
-        captions.append(caption_of(parts) or "")
-        cls = parts.get("cls")
-        labels.append(int(cls.decode().strip()) if cls and cls.decode().strip().lstrip("-").isdigit() else 0)
+        sample = decode_sample(key, parts, resolution, channels, min_size, report)
+        if sample is not None:
+            images.append(sample[0])
+            labels.append(sample[1])
+            captions.append(sample[2])
     has_captions = any(captions)
     return _finish(images, labels, captions if has_captions else None, report, pattern)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .records import BadImage, SkipReport, caption_of, decode_image, expand_shards, image_of, iter_shard_samples
+from .records import SkipReport, decode_sample, expand_shards, iter_shard_samples
 
 
 class ShardStream:
@@ -68,25 +68,17 @@ class ShardStream:
         images, labels, captions = [], [], []
         misses = 0
         while len(images) < n:
-            key, parts = self._next_sample()
-            found = image_of(parts)
-            if found is None:
-                self.report.skip("no image", key)
-            else:
-                try:
-                    images.append(decode_image(found[1], self.resolution, self.channels, min_size=self.min_size,
-                                               name=key))
-                except BadImage as e:
-                    self.report.skip(e.reason, key)
-                else:
-                    captions.append(caption_of(parts) or "")
-                    cls = (parts.get("cls") or b"").decode(errors="replace").strip()
-                    labels.append(int(cls) if cls.lstrip("-").isdigit() else 0)
-                    misses = 0
-                    continue
-            misses += 1
-            if misses > 10000:
-                raise ValueError(f"10000 samples in a row were unusable ({self.report.summary()})")
+            sample = decode_sample(*self._next_sample(), self.resolution, self.channels, self.min_size,
+                                   self.report)
+            if sample is None:
+                misses += 1
+                if misses > 10000:
+                    raise ValueError(f"10000 samples in a row were unusable ({self.report.summary()})")
+                continue
+            images.append(sample[0])
+            labels.append(sample[1])
+            captions.append(sample[2])
+            misses = 0
         return torch.stack(images), torch.tensor(labels, dtype=torch.long), captions
 
     def state_dict(self) -> dict[str, int]:
