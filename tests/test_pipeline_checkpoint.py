@@ -97,7 +97,7 @@ def test_cli_samples_a_prompt_from_an_original_checkpoint(bert_ckpt, tmp_path: P
     cfg_path.write_text(yaml.safe_dump(to_dict(cfg)))
     out = tmp_path / "g.png"
     assert main(["sample", "--checkpoint", str(path), "--config", str(cfg_path), "--prompt", "a red car", "--n", "2",
-                 "--steps", "2", "--out", str(out), "--scale", "1"]) == 0
+                 "--steps", "2", "--out", str(out), "--grid-scale", "1"]) == 0
     assert out.exists() and "wrote 2 samples" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(path), "--config", str(cfg_path), "--out", str(out)]) != 0
     assert "give --prompt" in capsys.readouterr().err
@@ -140,7 +140,7 @@ def test_sd1_style_checkpoint_samples_from_a_prompt_with_the_clip_text_model(tmp
     out = tmp_path / "cat.png"
     assert main(["sample", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--prompt", "a photo of a cat",
                  "--n", "1", "--steps", "2", "--guidance", "7.5", "--seed", "1", "--out", str(out),
-                 "--scale", "1"]) == 0
+                 "--grid-scale", "1"]) == 0
     assert out.exists()
     # export to a diffusers folder from the same command line; a second run refuses to overwrite
     folder = tmp_path / "diffusers"

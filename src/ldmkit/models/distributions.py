@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..diffusion.noise import Generators, randn
+
 # Log-variance is clamped to this range before exponentiating (same bounds as the reference),
 # so that exp(logvar) can neither underflow to 0 nor overflow to inf in float32.
 LOGVAR_MIN = -30.0
@@ -45,18 +47,14 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)  # sigma = exp(logvar / 2)
             self.var = torch.exp(self.logvar)  # sigma^2 = exp(logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: Generators = None) -> Tensor:
         """Reparameterised draw z = mean + std * eps, eps ~ N(0, I).
 
         With ``generator=None`` eps comes from torch's global RNG (so ``torch.manual_seed`` reproduces
-        it); otherwise eps is drawn on the generator's device and moved to the mean's device.
+        it); otherwise eps is drawn on the generator's device and moved to the mean's device (a list of
+        generators draws one item each).
         """
-        if generator is None:
-            eps = torch.randn(self.mean.shape, dtype=self.mean.dtype, device=self.mean.device)
-        else:
-            eps = torch.randn(
-                self.mean.shape, generator=generator, dtype=self.mean.dtype, device=generator.device
-            ).to(self.mean.device)
+        eps = randn(self.mean.shape, generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + self.std * eps
 
     def mode(self) -> Tensor:

@@ -1,0 +1,186 @@
+"""`ldmkit serve` in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+A tiny text-to-image model is trained on captioned shapes; the test starts the server as a user would, on a
+free local port, then enters a prompt, generates, reads the picture back and compares it with the pipeline's
+own output for the same seed; paints a mask for inpainting; submits an out-of-range value and sees the
+error; and sends two requests at once, which the queue serves in turn.
+
+CI installs Chromium and Playwright (Makefile), and sets LDMKIT_REQUIRE_BROWSER=1 so that a missing browser
+fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.pipeline import LatentDiffusionPipeline
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need(what: str) -> None:
+    if os.environ.get("LDMKIT_REQUIRE_BROWSER"):
+        pytest.fail(f"{what} is required here (LDMKIT_REQUIRE_BROWSER is set)")
+    pytest.skip(f"{what} is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(text_run):
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        _need("gradio (pip install 'ldmkit[ui]')")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ldmkit.cli.main", "serve", "--checkpoint", str(text_run),
+                             "--port", str(port), "--max-steps", "20", "--max-images", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"ldmkit serve did not start: {proc.stdout.read() if proc.stdout else ''}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        _need("Debian's chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ModuleNotFoundError:
+        _need("playwright (pip)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url, wait_until="networkidle")
+    return page
+
+
+def _fill(page, task: str, **values: object) -> None:
+    for name, value in values.items():
+        page.locator(f"#{task}-{name} textarea, #{task}-{name} input").first.fill(str(value))
+
+
+def _result(page, task: str, timeout: float = 120.0) -> list[np.ndarray]:
+    """The gallery's pictures once they appear; an error message shown instead fails the test with its text."""
+    deadline = time.time() + timeout
+    while page.locator(f"#{task}-gallery img").count() == 0:
+        errors = page.locator(".toast-body").all_inner_texts()
+        if errors:
+            pytest.fail(f"the page showed an error instead of a result: {errors}")
+        if time.time() > deadline:
+            pytest.fail(f"no result after {timeout} s")
+        time.sleep(0.2)
+    srcs = page.locator(f"#{task}-gallery img").evaluate_all("els => els.map(e => e.src)")
+    return [np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(s, timeout=30).read())).convert("RGB"))
+            for s in srcs]
+
+
+def test_prompt_to_image_in_the_browser_matches_the_pipeline(server, browser, text_run):
+    page = _open(browser, server)
+    _fill(page, "generate", prompt="a red circle", steps=6, seed=11, n=2, guidance=2)
+    page.locator("#generate-run").click()
+    got = _result(page, "generate")
+    assert len(got) == 2 and got[0].shape == (32, 32, 3)
+    assert "seeds 11..12" in page.locator("#generate-info textarea").input_value()
+    pipe = LatentDiffusionPipeline.from_checkpoint(text_run)
+    want = pipe("a red circle", n=2, seed=11, steps=6, guidance=2)
+    for g, w in zip(got, want.images, strict=True):  # the page shows exactly what the library makes
+        assert np.abs(g.astype(int) - np.asarray(w).astype(int)).max() <= 1
+    page.screenshot(path=str(Path(text_run) / "page.png"))
+    page.close()
+
+
+def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path, text_run):
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (32, 32), (30, 60, 200)).save(picture)
+    page = _open(browser, server)
+    page.get_by_role("tab", name="Inpaint").click()
+    editor = page.locator("#inpaint-editor")
+    editor.locator("input[type=file]").set_input_files(str(picture))
+    # the editor shows a zoom level once the picture is on the canvas, and settles when it has been fitted
+    zoom = editor.locator(".zoom-number")
+    zoom.wait_for(timeout=30_000)
+    seen: list[str] = []
+    while len(seen) < 4 or len(set(seen[-4:])) > 1:  # the same zoom for 1.5 s: fitted
+        seen.append(zoom.inner_text())
+        time.sleep(0.5)
+    canvas = editor.locator("canvas").first
+    box = canvas.bounding_box()
+    assert box is not None
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 60, cy)  # one stroke across the middle of the picture
+    page.mouse.down()
+    for k in range(13):
+        page.mouse.move(cx - 60 + 10 * k, cy)
+    page.mouse.up()
+    _fill(page, "inpaint", prompt="a yellow square", steps=6, seed=3)
+    page.locator("#inpaint-run").click()
+    out = _result(page, "inpaint")[0].astype(int)
+    changed = np.abs(out - np.array([30, 60, 200])).sum(-1) > 30
+    # the painted band was filled; the rest of the picture is kept exactly (pasted back)
+    assert 0.02 < changed.mean() < 0.9, changed.mean()
+    assert not changed[:4].any() and not changed[-4:].any()
+    page.close()
+
+
+def test_out_of_range_values_show_a_clear_error(server, browser):
+    page = _open(browser, server)
+    _fill(page, "generate", prompt="a blue bar", steps=500)
+    page.locator("#generate-run").click()
+    page.locator(".toast-body", has_text="steps must be a whole number between 1 and 20").wait_for(timeout=30_000)
+    page.reload(wait_until="networkidle")
+    _fill(page, "generate", prompt="   ", steps=4)
+    page.locator("#generate-run").click()
+    page.locator(".toast-body", has_text="the prompt is empty").wait_for(timeout=30_000)
+    assert page.locator("#generate-gallery img").count() == 0
+    page.close()
+
+
+def test_two_concurrent_requests_both_complete(server, browser):
+    pages = [_open(browser, server) for _ in range(2)]
+    for page, prompt in zip(pages, ("a green triangle", "a blue square"), strict=True):
+        _fill(page, "generate", prompt=prompt, steps=8, seed=1)
+    for page in pages:  # both submitted before either finishes: the queue serves them in turn
+        page.locator("#generate-run").click()
+    results = [_result(page, "generate") for page in pages]
+    assert all(len(r) == 1 for r in results)
+    assert np.abs(results[0][0].astype(int) - results[1][0].astype(int)).max() > 0  # two different prompts
+    for page in pages:
+        page.close()
