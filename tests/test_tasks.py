@@ -252,6 +252,12 @@ def test_pipeline_call_takes_pictures_for_every_task(sr, inpaint, semantic, layo
     out = pipe(lowres=low, n=2, seed=0, steps=3)
     assert [im.size for im in out.images] == [(32, 32)] * 2 and out.seeds == [0, 1]
     assert same(out.images[1], pipe(lowres=low, seed=1, steps=3).images[0])
+    from ldmkit.ui.service import Request, Service
+
+    web = Service(pipe)  # the web page's super-resolution tab: the only one an SR model offers
+    assert web.tasks == ["upscale"]
+    page_out, _ = web.run(Request("upscale", lowres=low.convert("RGB"), steps=3, seed=1, guidance=1))
+    assert same(page_out.images[0], out.images[1])
 
     pipe, data, _ = inpaint
     digit = Image.fromarray(to_uint8(data.images[:1])[0].squeeze(-1))
@@ -267,6 +273,10 @@ def test_pipeline_call_takes_pictures_for_every_task(sr, inpaint, semantic, layo
     big[:32, :32], big[32:, 32:] = data.segmaps[0].numpy(), data.segmaps[1].numpy()
     out = pipe(segmap=Image.fromarray(big), seed=0, steps=3)  # a grey PNG of class indices, at 2x
     assert out.images[0].size == (64, 64)
+    web = Service(pipe)
+    assert web.tasks == ["segmap"]
+    page_out, _ = web.run(Request("segmap", segmap=Image.fromarray(big), steps=3, seed=0, guidance=1))
+    assert same(page_out.images[0], out.images[0])
 
     pipe, data, _ = layout
     one = [(3, 0.1, 0.1, 0.5, 0.5)]

@@ -127,21 +127,40 @@ def test_prompt_to_image_in_the_browser_matches_the_pipeline(server, browser, te
     page.close()
 
 
+def _share_of_colour(element, rgb: tuple[int, int, int]) -> float:
+    """The share of the element's on-screen pixels that show `rgb`."""
+    shot = np.asarray(Image.open(io.BytesIO(element.screenshot())).convert("RGB")).astype(int)
+    return float((np.abs(shot - np.array(rgb)).sum(-1) < 12).mean())
+
+
+def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll what a person would wait to see before going on."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"{what} never appeared on the page")
+        time.sleep(0.3)
+
+
 def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path, text_run):
     picture = tmp_path / "picture.png"
     Image.new("RGB", (32, 32), (30, 60, 200)).save(picture)
     page = _open(browser, server)
     page.get_by_role("tab", name="Inpaint").click()
     editor = page.locator("#inpaint-editor")
-    editor.locator("input[type=file]").set_input_files(str(picture))
-    # the editor shows a zoom level once the picture is on the canvas, and settles when it has been fitted
-    zoom = editor.locator(".zoom-number")
-    zoom.wait_for(timeout=30_000)
-    seen: list[str] = []
-    while len(seen) < 4 or len(set(seen[-4:])) > 1:  # the same zoom for 1.5 s: fitted
-        seen.append(zoom.inner_text())
-        time.sleep(0.5)
+    editor.get_by_text("Upload an image").wait_for()  # the tab's editor is on screen
     canvas = editor.locator("canvas").first
+    blue = (30, 60, 200)
+    for _ in range(3):  # a file chosen while the editor is still mounting can be dropped: choose it again
+        editor.locator("input[type=file]").set_input_files(str(picture))
+        try:
+            _wait_until(lambda: canvas.is_visible() and _share_of_colour(canvas, blue) > 0.05, "the picture", 10)
+            break
+        except pytest.fail.Exception:
+            continue
+    _wait_until(lambda: _share_of_colour(canvas, blue) > 0.05, "the uploaded picture", 1)
+    time.sleep(0.5)
+    before = _share_of_colour(canvas, blue)
     box = canvas.bounding_box()
     assert box is not None
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -150,10 +169,12 @@ def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path
     for k in range(13):
         page.mouse.move(cx - 60 + 10 * k, cy)
     page.mouse.up()
+    _wait_until(lambda: _share_of_colour(canvas, blue) < 0.97 * before, "the brush stroke")  # paint covers blue
+    time.sleep(1.0)  # the editor commits its layers to its value after drawing them
     _fill(page, "inpaint", prompt="a yellow square", steps=6, seed=3)
     page.locator("#inpaint-run").click()
     out = _result(page, "inpaint")[0].astype(int)
-    changed = np.abs(out - np.array([30, 60, 200])).sum(-1) > 30
+    changed = np.abs(out - np.array(blue)).sum(-1) > 30
     # the painted band was filled; the rest of the picture is kept exactly (pasted back)
     assert 0.02 < changed.mean() < 0.9, changed.mean()
     assert not changed[:4].any() and not changed[-4:].any()
@@ -184,3 +205,57 @@ def test_two_concurrent_requests_both_complete(server, browser):
     assert np.abs(results[0][0].astype(int) - results[1][0].astype(int)).max() > 0  # two different prompts
     for page in pages:
         page.close()
+
+
+# ------------------------------------------------------------------ the checks behind the page, no browser
+
+
+@pytest.fixture(scope="module")
+def service(tiny_run):
+    from ldmkit.ui.service import Limits, Service
+
+    return Service(LatentDiffusionPipeline.from_checkpoint(tiny_run), Limits(max_steps=10, max_size=64, max_images=3))
+
+
+def test_service_offers_the_model_tasks_and_enforces_limits(service):
+    from ldmkit.ui.service import Request, RequestError
+
+    assert service.tasks == ["generate", "img2img", "inpaint"] and service.multiple == 8
+    out, info = service.run(Request("generate", class_label="3", steps=3, seed=4, n=2))
+    assert out.seeds == [4, 5] and "seeds 4..5" in info and [p["class_label"] for p in out.parameters] == [3, 3]
+    out, _ = service.run(Request("generate", steps=2, seed=-1))  # -1: a fresh random seed, reported
+    assert 0 <= out.seeds[0] < 2**31 - 1
+    cases = [
+        (Request("generate", steps=11), "steps must be a whole number between 1 and 10"),
+        (Request("generate", steps=2.5), "steps must be a whole number"),
+        (Request("generate", n=4), "number of images must be a whole number between 1 and 3"),
+        (Request("generate", size=72), "size must be a whole number between 8 and 64"),
+        (Request("generate", size=36), "size must be a multiple of 8"),
+        (Request("generate", guidance=31), "guidance must be between 0 and 30"),
+        (Request("generate", class_label="12", steps=2), "class must be a whole number between 0 and 9"),
+        (Request("generate", sampler="dpm9"), "unknown sampler"),
+        (Request("img2img", steps=2), "upload the image first"),
+        (Request("img2img", steps=2, image=Image.new("L", (128, 128))), "at most 64 px"),
+        (Request("img2img", steps=2, image=Image.new("L", (32, 32)), strength=1.5), "strength must be in"),
+        (Request("inpaint", steps=2), "upload an image, then paint"),
+        (Request("upscale"), "does not do 'Super-resolution'"),
+    ]
+    for req, needle in cases:
+        with pytest.raises(RequestError, match=needle):
+            service.run(req)
+
+
+def test_service_inpaints_the_painted_strokes_and_resizes_odd_pictures(service):
+    from ldmkit.ui.service import Request, RequestError
+
+    picture = Image.new("RGBA", (30, 30), (0, 0, 0, 255))  # resized down to 24 px, the model's multiple
+    layer = Image.new("RGBA", (30, 30), (0, 0, 0, 0))
+    with pytest.raises(RequestError, match="the mask is empty"):
+        service.run(Request("inpaint", steps=2, image={"background": picture, "layers": [layer]}))
+    layer.paste((255, 255, 255, 255), (10, 10, 20, 20))
+    out, _ = service.run(Request("inpaint", steps=3, seed=0, image={"background": picture, "layers": [layer]}))
+    got = np.asarray(out.images[0]).astype(int)
+    assert got.shape == (24, 24)
+    assert got[:6].max() == 0 and got[-6:].max() == 0  # outside the strokes the black picture is kept
+    out, _ = service.run(Request("img2img", steps=3, seed=0, image=Image.new("L", (41, 40)), strength=0.5))
+    assert out.images[0].size == (40, 40)

@@ -268,11 +268,7 @@ class LatentDiffusionPipeline:
         out = []
         for b, start in enumerate(range(0, count, batch_size)):
             z, req = self._sample(inputs.slice(start, start + batch_size), seed=seed + b, **options)
-            x = self.codec.decode(z).clamp(-1, 1)
-            if paste and req.paste is not None:
-                known, hole = req.paste
-                x = known * (1 - hole) + x * hole
-            out.append(x)
+            out.append(self._decode(z, req, paste))
         return torch.cat(out)
 
 
@@ -364,17 +360,22 @@ class LatentDiffusionPipeline:
             z, req = self._sample(inputs.slice(lo, hi), steps=steps, guidance=guidance, eta=eta, sampler=sampler,
                                   guidance_rescale=guidance_rescale, resolution=resolution, generator=gens,
                                   callback=step_cb)
-            x = self.codec.decode(z).clamp(-1, 1)
-            if paste and req.paste is not None:
-                known, hole = req.paste
-                x = known * (1 - hole) + x * hole
-            images.append(x.float().cpu())
+            images.append(self._decode(z, req, paste).float().cpu())
             latents.append(z.cpu())
         x = torch.cat(images)
         params = self._parameters(per, seeds, x.shape, negative_prompt=negative_prompt, strength=strength,
                                   sampler=sampler, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
                                   eta=eta)
         return Generation(to_pil(x), seeds, params, torch.cat(latents) if return_latents else None, x)
+
+    def _decode(self, z: Tensor, req: Request, paste: bool) -> Tensor:
+        """Latents -> images in [-1, 1]; with an inpainting mask the known pixels are pasted back (`paste`), as
+        LD's inpainting script does."""
+        x = self.codec.decode(z).clamp(-1, 1)
+        if paste and req.paste is not None:
+            known, hole = req.paste
+            x = known * (1 - hole) + x * hole
+        return x
 
     def _is_config_sampler(self, sampler: str | None) -> bool:
         """Whether `sampler` (None = the config's) is the one the sampling config names, so its eta applies."""

@@ -241,6 +241,5 @@ def _integer(value: Any, what: str, lo: int, hi: int, default: int) -> int:
     except (TypeError, ValueError):
         raise RequestError(f"{what} must be a whole number, got {value!r}") from None
     if not math.isfinite(x) or x != int(x) or not lo <= x <= hi:
-        raise RequestError(f"{what} must be a whole number between {lo} and {hi}, got {value:g}"
-                           if isinstance(value, (int, float)) else f"{what} must be between {lo} and {hi}")
+        raise RequestError(f"{what} must be a whole number between {lo} and {hi}, got {value}")
     return int(x)
