@@ -28,7 +28,7 @@ from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
 from .pipeline_io import Generation, ImageLike, image_tensor, index_map, mask_tensor, to_pil
-from .sampling_inputs import Layout, Request, SampleInputs, build_request
+from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
 from .training.build import (
     COND_STAGE_PREFIX,
     FIRST_STAGE_PREFIX,
@@ -129,8 +129,7 @@ class LatentDiffusionPipeline:
 
     @property
     def takes_prompts(self) -> bool:
-        c = self.cfg.conditioning
-        return c.kind in ("clip", "openclip", "minilm") or (c.kind == "bert" and c.use_tokenizer)
+        return condition_roles(self.cfg).text
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         """Token ids [B, L] as the model's reference text encoder tokenises (SD1 pads with the end token,
@@ -224,13 +223,8 @@ class LatentDiffusionPipeline:
                 sampler: str | None, guidance_rescale: float | None, resolution: int | tuple[int, int] | None,
                 seed: int | None = None, generator: Generators = None,
                 callback: Callable[[dict[str, Any]], None] | None) -> tuple[Tensor, Request]:
-        sc = self.cfg.sampling
-        steps = sc.steps if steps is None else steps
-        guidance = sc.guidance if guidance is None else guidance
-        guidance_rescale = sc.guidance_rescale if guidance_rescale is None else guidance_rescale
-        if eta is None and self._is_config_sampler(sampler):
-            eta = sc.eta
-        sampler = sc.sampler if sampler is None else sampler
+        sampler, steps, guidance, guidance_rescale, eta = self._options(sampler, steps, guidance, guidance_rescale,
+                                                                        eta)
         self.check_params(None, steps, guidance, eta, sampler, guidance_rescale)
         if inputs.strength is not None and not 0.0 < inputs.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {inputs.strength}")
@@ -377,25 +371,25 @@ class LatentDiffusionPipeline:
             x = known * (1 - hole) + x * hole
         return x
 
-    def _is_config_sampler(self, sampler: str | None) -> bool:
-        """Whether `sampler` (None = the config's) is the one the sampling config names, so its eta applies."""
-        if sampler is None:
-            return True
-        try:
-            return resolve_sampler(sampler) == resolve_sampler(self.cfg.sampling.sampler)
-        except ValueError:
-            return False
+    def _options(self, sampler: str | None, steps: int | None, guidance: float | None,
+                 guidance_rescale: float | None, eta: float | None) -> tuple[str, int, float, float, float | None]:
+        """Unset sampling options from the model's sampling config. The config's eta goes with the config's
+        sampler: another sampler without an explicit eta runs at its own default."""
+        sc = self.cfg.sampling
+        if eta is None and _same_sampler(sampler or sc.sampler, sc.sampler):
+            eta = sc.eta
+        return (sampler or sc.sampler, sc.steps if steps is None else steps,
+                sc.guidance if guidance is None else guidance,
+                sc.guidance_rescale if guidance_rescale is None else guidance_rescale, eta)
 
     def _parameters(self, per: dict[str, list[Any]], seeds: list[int], shape: torch.Size, **opts: Any
                     ) -> list[dict[str, Any]]:
         """Each image's generation parameters, with the config's defaults filled in (what was actually run)."""
-        sc = self.cfg.sampling
-        eta = sc.eta if opts["eta"] is None and self._is_config_sampler(opts["sampler"]) else opts["eta"]
-        spec, grid = resolve_sampler(opts["sampler"] or sc.sampler)
+        sampler, steps, guidance, guidance_rescale, eta = self._options(
+            opts["sampler"], opts["steps"], opts["guidance"], opts["guidance_rescale"], opts["eta"])
+        spec, grid = resolve_sampler(sampler)
         common = {"model": self.name, "sampler": spec.name + (f" {grid}" if grid else ""),
-                  "steps": opts["steps"] or sc.steps, "eta": eta,
-                  "guidance": sc.guidance if opts["guidance"] is None else opts["guidance"],
-                  "guidance_rescale": opts["guidance_rescale"] or sc.guidance_rescale or None,
+                  "steps": steps, "eta": eta, "guidance": guidance, "guidance_rescale": guidance_rescale or None,
                   "strength": opts["strength"], "height": int(shape[2]), "width": int(shape[3]),
                   "negative_prompt": opts["negative_prompt"] or None}
         out = []
@@ -412,6 +406,13 @@ class LatentDiffusionPipeline:
 
 
 Pipeline = LatentDiffusionPipeline
+
+
+def _same_sampler(a: str, b: str) -> bool:
+    try:
+        return resolve_sampler(a) == resolve_sampler(b)
+    except ValueError:  # an unknown name: check_params says so
+        return False
 
 
 def _is_one_layout(layout: Any) -> bool:

@@ -96,6 +96,23 @@ class Request:
                        move(self.sampler_kwargs) or {}, paste, self.no_guidance)
 
 
+@dataclass(frozen=True)
+class ConditionRoles:
+    """What a model's condition takes from a user: prompts, layouts, and an inpainting input."""
+
+    text: bool  # prompts (CLIP, OpenCLIP, MiniLM, or LD's BERT with its tokenizer)
+    layout: bool  # (class, box) lists (LD's layout model: BERT without a tokenizer)
+    concat_inpaint: bool  # the masked image is concatenated (LD's inpainting model, SD inpainting)
+
+
+def condition_roles(cfg: LDMConfig) -> ConditionRoles:
+    c = cfg.conditioning
+    text = c.kind in ("clip", "openclip", "minilm") or (c.kind == "bert" and c.use_tokenizer)
+    layout = c.kind == "layout" or (c.kind == "bert" and not c.use_tokenizer)
+    concat = c.kind == "first_stage" or (c.resolved_key() == "hybrid" and text)
+    return ConditionRoles(text, layout, concat)
+
+
 def _image_batch(x: Tensor, what: str, channels: int) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{what} must be a float tensor in [-1, 1]")
@@ -149,8 +166,8 @@ def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *,
                 "dropped in training), so classifier-free guidance is not available: use guidance 1")
     height, width = (res, res) if isinstance(res, int) else res  # an int is a square
     hw = (_side(int(height), f, "resolution"), _side(int(width), f, "resolution"))
-    text_model = kind in ("clip", "openclip", "minilm") or (kind == "bert" and c.use_tokenizer)
-    layout_model = kind == "layout" or (kind == "bert" and not c.use_tokenizer)
+    roles = condition_roles(cfg)
+    text_model, layout_model = roles.text, roles.layout
     given = {k for k, v in inputs.per_example().items()}
 
     def refuse(name: str, why: str) -> None:
@@ -237,7 +254,7 @@ def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *,
         uncond, no_guidance = None, unguided
     else:
         refuse("lowres", "it is not a super-resolution model")
-    concat_inpaint = kind == "first_stage" or (key == "hybrid" and text_model)
+    concat_inpaint = roles.concat_inpaint
     if inputs.image is not None:
         image = _image_batch(inputs.image, "image", channels)
         hw = (_side(image.shape[2], f, "image"), _side(image.shape[3], f, "image"))

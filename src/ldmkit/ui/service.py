@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..diffusion.samplers.registry import SAMPLERS
+from ..diffusion.samplers.registry import resolve_sampler
 from ..pipeline import LatentDiffusionPipeline
 from ..pipeline_io import Generation, index_map, mask_tensor, parse_layout
+from ..sampling_inputs import condition_roles
 
 TASKS = {
     "generate": "Generate",
@@ -77,15 +78,13 @@ class Service:
         self.pipe = pipe
         self.limits = limits or Limits()
         c = pipe.cfg.conditioning
-        self.text = pipe.takes_prompts
-        self.layout = c.kind == "layout" or (c.kind == "bert" and not c.use_tokenizer)
-        self.classes = pipe.n_classes
-        concat_inpaint = c.kind == "first_stage" or (c.resolved_key() == "hybrid" and self.text)
+        roles = condition_roles(pipe.cfg)
+        self.text, self.layout, self.classes = roles.text, roles.layout, pipe.n_classes
         if c.kind == "image":
             self.tasks = ["upscale"]
         elif c.kind == "rescaler":
             self.tasks = ["segmap"]
-        elif concat_inpaint:
+        elif roles.concat_inpaint:
             self.tasks = ["inpaint"]
         else:
             self.tasks = ["generate", "img2img", "inpaint"]
@@ -117,7 +116,7 @@ class Service:
         if not 0 <= guidance <= lim.max_guidance:
             raise RequestError(f"guidance must be between 0 and {lim.max_guidance:g}, got {guidance:g}")
         sampler = req.sampler or self.defaults["sampler"]
-        if sampler not in SAMPLERS and not _known(sampler):
+        if not _known(sampler):
             raise RequestError(f"unknown sampler {sampler!r}")
         kwargs: dict[str, Any] = dict(n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance)
         self._condition(req, kwargs)
@@ -223,8 +222,6 @@ class Service:
 
 
 def _known(name: str) -> bool:
-    from ..diffusion.samplers.registry import resolve_sampler
-
     try:
         resolve_sampler(name)
     except ValueError:
