@@ -106,3 +106,19 @@ def test_text_prompts_img2img_and_inpainting_from_pil_images(text_pipe):
         text_pipe(" ", steps=2)
     with pytest.raises(ValueError, match="give prompts"):
         text_pipe(n=2, steps=2)
+
+
+def test_speed_and_memory_switches_keep_the_pictures(tiny_run):
+    """channels_last, fused QKV, attention slicing and VAE slicing change how the work is done, not the result;
+    what the pipeline returns is an ordinary tensor although it ran under torch.inference_mode."""
+    pipe = Pipeline.from_checkpoint(tiny_run)
+    base = pipe(class_label=[3, 7], n=2, seed=5, steps=4, return_latents=True)
+    assert not base.latents.is_inference() and not base.tensors.is_inference()
+    base.latents.add_(1.0)  # callers may modify results in place (an inference tensor would refuse)
+    fast = (Pipeline.from_checkpoint(tiny_run).to_channels_last().fuse_qkv_projections()
+            .enable_attention_slicing(1).enable_vae_slicing(1))
+    assert fast.parts.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = fast(class_label=[3, 7], n=2, seed=5, steps=4)
+    np.testing.assert_allclose(out.tensors.numpy(), base.tensors.numpy(), atol=2e-4)
+    with pytest.raises(ValueError, match="slice_size"):
+        fast.enable_attention_slicing(0)

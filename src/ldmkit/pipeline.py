@@ -15,6 +15,7 @@ seeds every image by itself, so item i of a batch equals a single run with seed 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ from .training.diffusion import WEIGHTS_FILE, Denoiser
 SAMPLE_OPTIONS = ("steps", "guidance", "eta", "sampler", "guidance_rescale", "resolution", "callback")
 
 
+def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` under torch.inference_mode (no autograd bookkeeping at all, a little faster than no_grad) and
+    hand back ordinary tensors, which callers may modify in place or feed to autograd."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        if isinstance(out, Tensor):
+            return out.clone()
+        if isinstance(out, Generation):
+            out.latents = None if out.latents is None else out.latents.clone()
+            out.tensors = None if out.tensors is None else out.tensors.clone()
+        return out
+
+    return run
+
+
 class LatentDiffusionPipeline:
     """A frozen LDM: conditioner, UNet, schedule and the latent codec, ready to sample."""
 
@@ -69,6 +88,45 @@ class LatentDiffusionPipeline:
             module.to(self.device)
         return self
 
+    def enable_vae_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> LatentDiffusionPipeline:
+        """Decode (and encode) large images in overlapping tiles of `tile_size` latent pixels (default: 512 px
+        worth, 64 at f = 8; overlap a quarter of it): the decoder's memory then follows the tile, not the image.
+        Images no larger than a tile decode exactly as before. See `LatentCodec.enable_tiling`."""
+        t = tile_size if tile_size is not None else max(8, 512 // self.codec.downsample_factor)
+        self.codec.enable_tiling(t, overlap if overlap is not None else t // 4)
+        return self
+
+    def enable_attention_slicing(self, slice_size: int | None = 1) -> LatentDiffusionPipeline:
+        """Attend over `slice_size` (batch, head) maps at a time (None: all at once). Memory for backends that
+        build the full attention matrix; torch's CPU and flash kernels never do, so here it only costs time."""
+        self.parts.unet.set_attention_slice(slice_size)
+        return self
+
+    def fuse_qkv_projections(self, fuse: bool = True) -> LatentDiffusionPipeline:
+        """Self-attention q, k, v in one matmul over the stacked weights (checkpoint keys unchanged)."""
+        if fuse:
+            self.parts.unet.fuse_qkv_projections()
+        else:
+            self.parts.unet.unfuse_qkv_projections()
+        return self
+
+    def to_channels_last(self) -> LatentDiffusionPipeline:
+        """UNet and autoencoder weights in channels_last (NHWC) memory format; same results."""
+        for module in (self.parts.unet, self.codec):
+            module.to(memory_format=torch.channels_last)
+        return self
+
+    def compile(self, **options: Any) -> LatentDiffusionPipeline:
+        """`torch.compile` the UNet in place (keys unchanged). The first call then compiles for minutes on a
+        CPU; worth it for long GPU runs (see the README's GPU table), not for a few CPU samples."""
+        self.parts.unet.compile(**{"dynamic": False, **options})
+        return self
+
+    def enable_vae_slicing(self, slice_size: int = 1) -> LatentDiffusionPipeline:
+        """Decode `slice_size` images per decoder call instead of the whole batch (same images, less memory)."""
+        self.codec.enable_slicing(slice_size)
+        return self
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LatentDiffusionPipeline:
         """Load from a run directory (its `ldm.safetensors`) or a checkpoint file."""
@@ -83,10 +141,13 @@ class LatentDiffusionPipeline:
         if meta.get("kind") != "ldm" or "config" not in meta:
             raise CheckpointError(f"{path} is not an ldmkit latent diffusion checkpoint (kind {meta.get('kind')!r})")
         cfg = from_dict(LDMConfig, meta["config"])
-        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read
-        parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg, pretrained=False),
-                         build_schedule(cfg))
-        load_strict(parts.unet, split_prefix(tensors, UNET_PREFIX), "UNet")
+        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read. The UNet, the
+        # bulk of the weights, is built on the meta device and takes the file's tensors as they are, so that
+        # loading peaks at about the size of the file, not twice it
+        with torch.device("meta"):
+            unet = build_unet(cfg)
+        parts = LDMParts(unet, build_autoencoder(cfg), build_conditioner(cfg, pretrained=False), build_schedule(cfg))
+        load_strict(parts.unet, split_prefix(tensors, UNET_PREFIX), "UNet", assign=True)
         load_strict(parts.autoencoder, split_prefix(tensors, FIRST_STAGE_PREFIX), "autoencoder")
         if parts.conditioner is not None:
             load_strict(parts.conditioner, split_prefix(tensors, COND_STAGE_PREFIX), "conditioner")
@@ -146,7 +207,7 @@ class LatentDiffusionPipeline:
             return self._tokenizer(list(prompts), max_length=self.cfg.conditioning.max_seq_len)
         return self._tokenizer(list(prompts), context_length=77, pad="eos" if kind == "clip" else "zero")
 
-    @torch.no_grad()
+    @_inference
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Cross-attention context [B, L, D] of each prompt."""
         assert self.parts.conditioner is not None
@@ -179,7 +240,7 @@ class LatentDiffusionPipeline:
         if sampler is not None:
             resolve_sampler(sampler)
 
-    @torch.no_grad()
+    @_inference
     def sample_latents(
         self,
         classes: Sequence[int] | None = None,
@@ -242,7 +303,7 @@ class LatentDiffusionPipeline:
                         callback=callback, **req.sampler_kwargs)
         return z, req
 
-    @torch.no_grad()
+    @_inference
     def sample(self, classes: Sequence[int] | None = None, n: int | None = None, *, batch_size: int = 256,
                prompts: Sequence[str] | None = None, negative_prompt: str = "",
                layouts: Sequence[Layout] | None = None, segmap: Tensor | None = None, lowres: Tensor | None = None,
@@ -266,7 +327,7 @@ class LatentDiffusionPipeline:
         return torch.cat(out)
 
 
-    @torch.no_grad()
+    @_inference
     def __call__(
         self,
         prompt: str | Sequence[str] | None = None,

@@ -52,6 +52,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = LatentDiffusionPipeline.from_checkpoint(args.checkpoint, device=args.device, config=args.config,
                                                    use_ema=args.use_ema, prediction=args.prediction,
                                                    tokenizer=args.tokenizer)
+    if args.vae_tiling is not None:
+        pipe.enable_vae_tiling(args.vae_tiling or None)
+    pipe.enable_vae_slicing(1)  # the batch's images decode one at a time: same pixels, less peak memory
     if pipe.takes_prompts and prompts is None:
         raise CLIError("this is a text-to-image model: give --prompt TEXT or --from-file FILE")
     if not pipe.takes_prompts and prompts is not None:
@@ -95,6 +98,14 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.vae_tiling is not None and args.vae_tiling != 0 and args.vae_tiling < 2:
+        raise CLIError(f"--vae-tiling takes a tile size of at least 2 latent pixels, got {args.vae_tiling}")
     if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
@@ -304,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", "--H", type=int, default=None, help="image height in pixels")
     s.add_argument("--width", "--W", type=int, default=None, help="image width in pixels")
     s.add_argument("--batch-size", type=int, default=8, help="samples per forward batch")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's, one per core; 1 on a machine others share)")
+    s.add_argument("--vae-tiling", type=int, nargs="?", const=0, default=None, metavar="TILE",
+                   help="decode in overlapping tiles of TILE latent pixels (default 512 px worth): large images "
+                   "in bounded memory, with a small difference from the whole decode")
     s.add_argument("--class", dest="class_", default=None,
                    help="class-conditional models: a label, a comma list (one grid row each) or 'all'")
     s.add_argument("--n", "--n-samples", type=int, default=16,

@@ -28,6 +28,12 @@ def nonlinearity(x: Tensor) -> Tensor:
     return F.silu(x)
 
 
+def _fresh_silu(h: Tensor) -> Tensor:
+    """SiLU of a tensor nobody else holds (a GroupNorm output): in place when no gradient is recorded, which
+    spares one full-resolution temporary per block (the decoder's peak memory at high resolution)."""
+    return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: x + conv2(drop(act(norm2(conv1(act(norm1(x))) + temb)))).
 
@@ -65,13 +71,13 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv1(_fresh_silu(self.norm1(x)))  # (B, C_out, H, W)
         if temb is not None and hasattr(self, "temb_proj"):
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]  # (B, C_out, 1, 1) broadcast
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(_fresh_silu(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if not torch.is_grad_enabled() else x + h  # h is this block's own conv output
 
 
 class AttnBlock(nn.Module):
@@ -243,7 +249,7 @@ class Encoder(nn.Module):
         h = self.mid.block_1(h, temb)
         h = self.mid.attn_1(h)
         h = self.mid.block_2(h, temb)
-        h = nonlinearity(self.norm_out(h))
+        h = _fresh_silu(self.norm_out(h))
         return self.conv_out(h)  # (B, 2*z_channels or z_channels, H/f, W/f)
 
 
@@ -344,7 +350,7 @@ class Decoder(nn.Module):
                 h = level.upsample(h)  # (B, C, 2*H_i, 2*W_i)
         if self.give_pre_end:
             return h
-        h = nonlinearity(self.norm_out(h))
+        h = _fresh_silu(self.norm_out(h))
         h = self.conv_out(h)  # (B, out_ch, H, W)
         if self.tanh_out:
             h = torch.tanh(h)

@@ -36,8 +36,9 @@ class AutoencoderConfig:
     dropout: float = 0.0  # dropout inside ResnetBlocks
     attn_type: str = "vanilla"  # "vanilla" (AttnBlock) or "none" (no attention at all)
     extra: dict[str, Any] = field(default_factory=dict)  # other ddconfig keys (e.g. tanh_out)
-    # Which first stage: "kl" (AutoencoderKL) or "vq" (VQModel, see models/vq.py). The fields below are
-    # VQ-only and never reach Encoder/Decoder.
+    # Which first stage: "kl" (AutoencoderKL), "vq" (VQModel, see models/vq.py) or "identity" (pixel space,
+    # f = 1: IdentityFirstStage, see models/identity.py). The fields below are VQ-only and never reach
+    # Encoder/Decoder.
     kind: str = "kl"
     n_embed: int | None = None  # VQ codebook size K; required for kind "vq"
     beta: float = 0.25  # VQ commitment weight (van den Oord et al. 2017, eq. 3)
@@ -56,12 +57,25 @@ class AutoencoderConfig:
             vq_only = [n for n in ("n_embed", "ema_decay", "restart_dead_codes") if getattr(self, n) is not None]
             if vq_only:
                 raise ValueError(f"{', '.join(vq_only)} only apply to kind 'vq', not to the KL autoencoder")
+        elif self.kind == "identity":
+            self._check_identity()
         else:
             self._check_vq()
         if len(self.ch_mult) == 0:
             raise ValueError("ch_mult must have at least one level")
         if self.attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+
+    def _check_identity(self) -> None:
+        # the latent is the image: same channels in and out, and no downsampling level (f = 1)
+        if not self.in_channels == self.out_ch == self.embed_dim:
+            raise ValueError(f"kind 'identity' needs in_channels == out_ch == embed_dim (the latent is the image), "
+                             f"got {self.in_channels}, {self.out_ch}, {self.embed_dim}")
+        if len(self.ch_mult) != 1:
+            raise ValueError(f"kind 'identity' has f = 1: ch_mult must have one level, got {list(self.ch_mult)}")
+        vq_only = [n for n in ("n_embed", "ema_decay", "restart_dead_codes") if getattr(self, n) is not None]
+        if vq_only:
+            raise ValueError(f"{', '.join(vq_only)} only apply to kind 'vq', not to the identity first stage")
 
     def _check_vq(self) -> None:
         # The reference VQ configs set double_z: false; True would give quant_conv the wrong input width.
@@ -96,7 +110,7 @@ class AutoencoderConfig:
         return {**d, **extra}
 
 
-FIRST_STAGE_KINDS = ("kl", "vq")
+FIRST_STAGE_KINDS = ("kl", "vq", "identity")
 # AutoencoderConfig fields that are not Encoder/Decoder arguments.
 _NON_DDCONFIG_FIELDS = ("embed_dim", "extra", "kind", "n_embed", "beta", "legacy", "ema_decay", "restart_dead_codes")
 

@@ -14,6 +14,11 @@ Layout (``ds`` = downsampling factor, attention wherever ``ds in attention_resol
     output_blocks: per level (reversed) num_res_blocks + 1 x [concat skip, ResBlock (+ attention)], the last
                    one of every level but level 0 followed by an Upsample
     out:           GroupNorm - SiLU - conv (zero-initialised); ``id_predictor`` instead when ``n_embed``
+
+Inference options, all off by default and measured in ``benchmarks/unet_options.py``: ``fuse_qkv_projections``
+(one matmul for q, k, v of every self-attention), ``set_attention_slice`` (SDPA over a few heads at a time),
+and ``.to(memory_format=torch.channels_last)`` (the layers keep that layout end to end). ``torch.compile`` of
+the model gives the eager outputs (tests/test_unet_optimisations.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ldmkit.nn.attention import AttentionBlock, SpatialTransformer
+from ldmkit.nn.attention import (
+    AttentionBlock,
+    BasicTransformerBlock,
+    CrossAttention,
+    QKVAttention,
+    QKVAttentionLegacy,
+    SpatialTransformer,
+    check_slice_size,
+)
 from ldmkit.nn.blocks import (
     Downsample,
     ResBlock,
@@ -269,6 +282,41 @@ class UNetModel(nn.Module):
         if cfg.n_embed is not None:
             # VQ-logits head (LDM "predict_cids"): per-pixel logits over the first stage's codebook.
             self.id_predictor = nn.Sequential(normalization(ch), nn.Conv2d(mc, cfg.n_embed, 1))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Inference options (see the module docstring); none changes the parameters or the state_dict keys.
+
+    def fuse_qkv_projections(self) -> int:
+        """Compute q, k and v of every self-attention (``attn1`` without a context) in one matmul.
+
+        The to_q/to_k/to_v parameters stay as they are; their concatenation is cached for no-grad use and
+        rebuilt after any weight change (see ``CrossAttention._qkv_weight``). Returns the number of layers
+        switched: cross-attention (``attn2``, and ``attn1`` under disable_self_attn) reads k, v from the
+        context, so it keeps separate projections.
+        """
+        count = 0
+        for module in self.modules():
+            if isinstance(module, BasicTransformerBlock) and not module.disable_self_attn:
+                module.attn1.fuse_qkv, module.attn1._qkv_cache = True, None
+                count += 1
+        return count
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to three projections; frees the cached concatenated weights."""
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.fuse_qkv, module._qkv_cache = False, None
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute every attention ``slice_size`` (batch, head) maps at a time; None turns slicing off.
+
+        Caps the memory of attention backends that materialise the score matrix; the outputs are unchanged.
+        Applies to the SpatialTransformer and the ADM AttentionBlock layers.
+        """
+        check_slice_size(slice_size)
+        for module in self.modules():
+            if isinstance(module, CrossAttention | QKVAttention | QKVAttentionLegacy):
+                module.slice_size = slice_size
 
     def forward(
         self,

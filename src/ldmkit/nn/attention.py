@@ -6,12 +6,25 @@
   (Dhariwal & Nichol 2021) used by UNets built without ``use_spatial_transformer``.
 
 Attribute names follow the reference so ``state_dict`` keys match released checkpoints. All attention
-products go through ``torch.nn.functional.scaled_dot_product_attention`` (softmax(q k^T / sqrt(d)) v).
+products go through ``torch.nn.functional.scaled_dot_product_attention`` (softmax(q k^T / sqrt(d)) v), via
+``sliced_attention``.
+
+Two opt-in inference switches, off by default, set for a whole UNet by ``UNetModel.set_attention_slice`` and
+``UNetModel.fuse_qkv_projections``:
+
+* ``slice_size`` (every attention layer): SDPA over ``slice_size`` (batch, head) attention maps at a time, so a
+  backend that materialises the N x M score matrix (SDPA's math fallback) holds only that many at once.
+  Results equal the unsliced ones. The CPU SDPA kernel (flash attention, float32 too) never holds that
+  matrix, nor do the GPU flash / memory-efficient kernels: on this CPU slicing kept the same peak memory and
+  cost 3-4 % time (``benchmarks/unet_options.py``).
+* ``fuse_qkv`` (``CrossAttention`` used as self-attention): q, k and v in one matmul with the concatenated
+  weight. The parameters stay ``to_q``/``to_k``/``to_v`` (checkpoint keys unchanged); the concatenation is
+  cached only for no-grad use and rebuilt whenever a weight is replaced, moved, cast or written in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +41,67 @@ __all__ = [
     "QKVAttention",
     "QKVAttentionLegacy",
     "SpatialTransformer",
+    "check_slice_size",
+    "sliced_attention",
 ]
 
 ContextArg = Tensor | Sequence[Tensor | None] | None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention slicing.
+
+
+def check_slice_size(slice_size: int | None) -> int | None:
+    """Validate an attention ``slice_size``: None (off) or a positive int."""
+    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
+        raise ValueError(f"slice_size must be None (no slicing) or a positive int, got {slice_size!r}")
+    return slice_size
+
+
+def _slices(lead: Sequence[int], slice_size: int) -> Iterator[tuple[slice, ...]]:
+    """Index tuples covering the leading dims ([BH] or [B, H]) with at most ``slice_size`` maps each.
+
+    Slicing a [B, H] lead as views (whole batch elements, or heads of one element) avoids the copy that
+    flattening non-contiguous [B, H, N, D] heads to [B*H, N, D] would make.
+    """
+    if len(lead) == 1:
+        for i in range(0, lead[0], slice_size):
+            yield (slice(i, i + slice_size),)
+        return
+    batch, heads = lead
+    if slice_size >= heads:
+        per = slice_size // heads  # whole batch elements per slice
+        for i in range(0, batch, per):
+            yield (slice(i, i + per),)
+        return
+    for i in range(batch):
+        for j in range(0, heads, slice_size):
+            yield slice(i, i + 1), slice(j, j + slice_size)
+
+
+def sliced_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, slice_size: int | None = None
+) -> Tensor:
+    """``scaled_dot_product_attention`` of q [*lead, N, D] over k, v [*lead, M, D] (lead = [BH] or [B, H]),
+    computed ``slice_size`` (batch, head) maps at a time; None computes all at once.
+
+    ``attn_mask`` broadcasts against [*lead, N, M]. Each slice is written into one preallocated output, so
+    that the slices' results never coexist with a concatenated copy.
+    """
+    lead = q.shape[:-2]
+    if q.ndim not in (3, 4) or k.shape[:-2] != lead or v.shape[:-2] != lead:
+        raise ValueError(f"sliced_attention needs 3-D or 4-D q, k, v with equal leading dims, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if slice_size is None or slice_size >= lead.numel():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(*lead, *attn_mask.shape[-2:])  # [*lead, N or 1, M], a view
+    out = q.new_empty(*lead, q.shape[-2], v.shape[-1])  # [*lead, N, Dv]
+    for idx in _slices(lead, slice_size):
+        mask = None if attn_mask is None else attn_mask[idx]
+        out[idx] = F.scaled_dot_product_attention(q[idx], k[idx], v[idx], attn_mask=mask)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,6 +112,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` [B, N, query_dim] over ``context`` [B, M, context_dim] (self-attention
     when ``context`` is None). Keys: ``to_q``/``to_k``/``to_v`` (no bias), ``to_out.0`` Linear, ``to_out.1``
     Dropout.
+
+    ``slice_size`` and ``fuse_qkv`` are the opt-in switches of the module docstring (off by default).
     """
 
     def __init__(
@@ -60,6 +133,32 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.slice_size: int | None = None
+        self.fuse_qkv = False
+        # (weights, their (data_ptr, version, dtype, device), concatenated weight): a plain attribute, so it is
+        # neither in state_dict nor moved by .to(); _qkv_weight rebuilds it when the key no longer matches.
+        self._qkv_cache: tuple[tuple[Tensor, ...], tuple, Tensor] | None = None
+
+    def _qkv_weight(self) -> Tensor:
+        """[3*H*D, query_dim]: the to_q, to_k and to_v weights stacked, for one fused projection."""
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        if torch.compiler.is_compiling():
+            return torch.cat(ws)  # traced into the graph; no Python-side cache to guard
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws) or any(w.is_inference() for w in ws):
+            # Training: differentiable and always current. Inference tensors (weights created under
+            # inference_mode) have no version counter to detect in-place writes, so nothing is cached.
+            self._qkv_cache = None
+            return torch.cat(ws)
+        # A replaced Parameter (load_state_dict(assign=True)), moved or cast weight (.to: new data_ptr /
+        # dtype / device) or in-place write (load_state_dict, optimizer step: version bump) changes the key.
+        # Writes through ``.data`` bypass the version counter: call fuse_qkv_projections() again after those.
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        cache = self._qkv_cache
+        if cache is None or cache[1] != key or any(a is not b for a, b in zip(cache[0], ws, strict=True)):
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+                cache = (ws, key, torch.cat(ws))
+            self._qkv_cache = cache
+        return cache[2]
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """``mask`` (optional, bool [B, M] or [B, ...] flattening to M): True marks keys to attend to."""
@@ -71,15 +170,20 @@ class CrossAttention(nn.Module):
             )
         b, n, _ = x.shape
         m = context.shape[1]
-        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # [B, H, N, D]
-        k = self.to_k(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # [B, H, M, D]
-        v = self.to_v(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # [B, H, M, D]
+        if self.fuse_qkv and context is x:
+            qkv = F.linear(x, self._qkv_weight())  # [B, N, 3*H*D]
+            qkv = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
+            q, k, v = qkv.unbind(0)  # [B, H, N, D] each
+        else:
+            q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # [B, H, N, D]
+            k = self.to_k(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # [B, H, M, D]
+            v = self.to_v(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # [B, H, M, D]
         attn_mask = None
         if mask is not None:
             if mask.dtype != torch.bool:
                 raise ValueError(f"attention mask must be a bool tensor, got {mask.dtype}")
             attn_mask = mask.reshape(b, 1, 1, -1)  # [B, 1, 1, M]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
+        out = sliced_attention(q, k, v, attn_mask, self.slice_size)  # [B, H, N, D]
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # [B, N, H*D]
         return self.to_out(out)
 
@@ -230,20 +334,29 @@ class SpatialTransformer(ContextBlock):
             x = block(x, context=ctx)  # [B, H*W, inner]
         if self.use_linear:
             x = self.proj_out(x)  # [B, H*W, C]
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # [B, inner or C, H, W]
+        # [B, inner or C, H, W]; the reshape is already a channels_last view, so a channels_last input (the
+        # memory-format option) keeps its layout instead of a copy to NCHW and back at proj_out.
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
         if not self.use_linear:
             x = self.proj_out(x)  # [B, C, H, W]
         return x + x_in
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when a 4-D ``x`` is laid out so (and not also plain contiguous), else contiguous_format."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------------------
 # ADM self-attention (non-transformer UNets).
 
 
-def _attend_channels_first(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _attend_channels_first(q: Tensor, k: Tensor, v: Tensor, slice_size: int | None) -> Tensor:
     """Attention on channel-first heads: q, k, v [BH, D, T] -> [BH, D, T]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [BH, T, D] each
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [BH, D, T]
+    return sliced_attention(q, k, v, slice_size=slice_size).transpose(1, 2)  # [BH, D, T]
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -252,6 +365,7 @@ class QKVAttentionLegacy(nn.Module):
     def __init__(self, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.slice_size: int | None = None  # see sliced_attention
 
     def forward(self, qkv: Tensor) -> Tensor:
         bs, width, length = qkv.shape
@@ -259,7 +373,7 @@ class QKVAttentionLegacy(nn.Module):
             raise ValueError(f"qkv width {width} is not divisible by 3 * {self.n_heads} heads")
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, 3 * ch, length).split(ch, dim=1)  # [B*H, D, T] each
-        return _attend_channels_first(q, k, v).reshape(bs, -1, length)  # [B, H*D, T]
+        return _attend_channels_first(q, k, v, self.slice_size).reshape(bs, -1, length)  # [B, H*D, T]
 
 
 class QKVAttention(nn.Module):
@@ -268,6 +382,7 @@ class QKVAttention(nn.Module):
     def __init__(self, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.slice_size: int | None = None  # see sliced_attention
 
     def forward(self, qkv: Tensor) -> Tensor:
         bs, width, length = qkv.shape
@@ -275,7 +390,7 @@ class QKVAttention(nn.Module):
             raise ValueError(f"qkv width {width} is not divisible by 3 * {self.n_heads} heads")
         ch = width // (3 * self.n_heads)
         q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))  # [B*H, D, T] each
-        return _attend_channels_first(q, k, v).reshape(bs, -1, length)  # [B, H*D, T]
+        return _attend_channels_first(q, k, v, self.slice_size).reshape(bs, -1, length)  # [B, H*D, T]
 
 
 class AttentionBlock(nn.Module):

@@ -27,9 +27,10 @@ from ..config import FirstStageConfig, LDMConfig, from_dict, to_dict
 from ..data.stream import ShardStream
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
+from ..models.identity import IdentityFirstStage
 from ..models.perceptual import LPIPS
 from ..models.vq import VQModel
-from .build import build_autoencoder, load_strict
+from .build import build_autoencoder, build_first_stage, load_strict
 from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
 from .distributed import (
     Dist,
@@ -98,7 +99,7 @@ def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: i
 
 
 def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardStream, run_dir: str | Path, *,
-                      progress: bool = True, dist: Dist | None = None) -> AutoencoderKL | VQModel:
+                      progress: bool = True, dist: Dist | None = None) -> AutoencoderKL | VQModel | IdentityFirstStage:
     """Train (or resume, or reload when finished) the first stage on `images` [N, C, H, W] in [-1, 1], or on
     a `ShardStream` (read on, never held in memory; its position is saved with the checkpoints).
 
@@ -106,6 +107,8 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     grad_accum) images each, drawn from their own generators, see training.distributed) and the gradients of
     both optimisers are averaged over ranks. The GAN's adaptive weight is computed per micro-batch.
     """
+    if cfg.autoencoder.kind == "identity":  # pixel space: nothing to train, the LDM checkpoint holds its config
+        return IdentityFirstStage(cfg.autoencoder)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train_autoencoder
@@ -213,12 +216,12 @@ def _disc_args(ae: nn.Module, x: Tensor, rec: Tensor, step: int) -> tuple[Any, .
     return (x, rec, None, 1, step)
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
+def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel | IdentityFirstStage:
     """Load a first stage written by `train_autoencoder` (config from the file's metadata)."""
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") not in ("autoencoder", "autoencoder_kl"):
         raise ValueError(f"{path} is not an ldmkit autoencoder checkpoint (kind {meta.get('kind')!r})")
     cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
-    ae = VQModel(cfg) if cfg.kind == "vq" else AutoencoderKL(cfg)
+    ae = build_first_stage(cfg)
     load_strict(ae, tensors, "autoencoder")
     return ae.eval()

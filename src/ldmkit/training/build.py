@@ -14,13 +14,14 @@ from torch import Tensor, nn
 
 from ..config import LDMConfig
 from ..diffusion import NoiseSchedule
-from ..models.autoencoder_kl import AutoencoderKL
+from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ..models.conditioners import ClassEmbedder, SpatialRescaler
+from ..models.identity import IdentityFirstStage
 from ..models.unet import UNetModel
 from ..models.vq import VQModel
 from .checkpoint import compare_state
 
-FirstStage = AutoencoderKL | VQModel
+FirstStage = AutoencoderKL | VQModel | IdentityFirstStage
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -33,8 +34,15 @@ def build_schedule(cfg: LDMConfig) -> NoiseSchedule:
     return NoiseSchedule.make(s.kind, s.num_timesteps, s.linear_start, s.linear_end)
 
 
+def build_first_stage(config: AutoencoderConfig) -> FirstStage:
+    """The first stage an AutoencoderConfig describes: KL, VQ, or the identity (pixel space, f = 1)."""
+    if config.kind == "identity":
+        return IdentityFirstStage(config)
+    return VQModel(config) if config.kind == "vq" else AutoencoderKL(config)
+
+
 def build_autoencoder(cfg: LDMConfig) -> FirstStage:
-    return VQModel(cfg.autoencoder) if cfg.autoencoder.kind == "vq" else AutoencoderKL(cfg.autoencoder)
+    return build_first_stage(cfg.autoencoder)
 
 
 def build_unet(cfg: LDMConfig) -> UNetModel:
@@ -145,10 +153,18 @@ def split_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """load_state_dict(strict=True) with an error that names the part and the offending keys."""
+def load_strict(module: nn.Module, state: dict[str, Tensor], what: str, *, assign: bool = False) -> None:
+    """load_state_dict(strict=True) with an error that names the part and the offending keys.
+
+    `assign=True` makes the given tensors the module's parameters instead of copying into them: a module built
+    on the meta device then costs no memory of its own (float32 is kept, whatever the file stored).
+    """
     report = compare_state(module.state_dict(), state, what)
     if not report.ok:
         raise ValueError(f"{what} weights do not fit the configured model: {report.summary()}")
+    if assign:
+        state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
     with torch.no_grad():
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
+    if assign and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise ValueError(f"{what}: tensors outside the checkpoint stayed unmaterialised on the meta device")
