@@ -5,7 +5,7 @@ run here as a child process with the settings the README quotes, shortened where
 suite's 20 minutes. `--quick` runs every script's own `--quick` mode: tiny models, seconds each, no timing
 meaning (the CI smoke test). `--only NAME ...` picks scripts.
 
-    .venv/bin/python benchmarks/run_all.py            # about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py            # sized for 20 minutes on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick    # about a minute
 """
 
