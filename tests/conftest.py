@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +91,13 @@ def text_run(tmp_path_factory) -> Path:
                  "train_diffusion.warmup_steps": 5, "train_diffusion.batch_size": 16, "sampling.steps": 8}
     train_ldm("emoji_text_bert", run, overrides=overrides, progress=False, log=lambda *a: None)
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models at 1 OpenMP thread: the fixtures' errors are the same as at 2, and on a busy 2-core runner two
+    threads made a tiny UNet forward ~250x slower (2.5 s instead of 10 ms)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,12 +21,7 @@ from ldmkit.text.wordpiece import WordPieceTokenizer
 BERT_VOCAB_SIZE = 30522
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from ldmkit.nn.attention import CrossAttention, SpatialTransformer, sliced_atten
 BENCH_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "unet_options.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core runner make tiny models far slower (see test_unet_parity.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _unet(seed: int = 0, **overrides) -> UNetModel:

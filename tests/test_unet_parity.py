@@ -16,15 +16,7 @@ UNET_FIXTURES = ["unet_sd1_conv", "unet_sd2_linear", "unet_sd2_linear_heads2", "
 HOOKED = ["time_embed", *(f"input_blocks.{i}" for i in range(4)), "middle_block"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The fixtures were made with 2 threads, but the measured errors are the same at 1 thread (the gap is CPU
-    # kernel rounding, see the README), and on a busy 2-core runner 2 OpenMP threads made a tiny UNet forward
-    # ~250x slower (2.5 s instead of 10 ms).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _sidecar(reference_dir: Path, name: str) -> dict:
