@@ -29,6 +29,7 @@ from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
 from .pipeline_io import Generation, ImageLike, image_tensor, index_map, mask_tensor, to_pil
+from .pipeline_switches import SpeedSwitches
 from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
 from .training.build import (
     COND_STAGE_PREFIX,
@@ -66,7 +67,7 @@ def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-class LatentDiffusionPipeline:
+class LatentDiffusionPipeline(SpeedSwitches):
     """A frozen LDM: conditioner, UNet, schedule and the latent codec, ready to sample."""
 
     def __init__(self, cfg: LDMConfig, parts: LDMParts, scale_factor: float,
@@ -86,45 +87,6 @@ class LatentDiffusionPipeline:
         self.device = torch.device(device)
         for module in (self.codec, self.net):  # the denoiser wraps self.net; the schedule follows x
             module.to(self.device)
-        return self
-
-    def enable_vae_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> LatentDiffusionPipeline:
-        """Decode (and encode) large images in overlapping tiles of `tile_size` latent pixels (default: 512 px
-        worth, 64 at f = 8; overlap a quarter of it): the decoder's memory then follows the tile, not the image.
-        Images no larger than a tile decode exactly as before. See `LatentCodec.enable_tiling`."""
-        t = tile_size if tile_size is not None else max(8, 512 // self.codec.downsample_factor)
-        self.codec.enable_tiling(t, overlap if overlap is not None else t // 4)
-        return self
-
-    def enable_attention_slicing(self, slice_size: int | None = 1) -> LatentDiffusionPipeline:
-        """Attend over `slice_size` (batch, head) maps at a time (None: all at once). Memory for backends that
-        build the full attention matrix; torch's CPU and flash kernels never do, so here it only costs time."""
-        self.parts.unet.set_attention_slice(slice_size)
-        return self
-
-    def fuse_qkv_projections(self, fuse: bool = True) -> LatentDiffusionPipeline:
-        """Self-attention q, k, v in one matmul over the stacked weights (checkpoint keys unchanged)."""
-        if fuse:
-            self.parts.unet.fuse_qkv_projections()
-        else:
-            self.parts.unet.unfuse_qkv_projections()
-        return self
-
-    def to_channels_last(self) -> LatentDiffusionPipeline:
-        """UNet and autoencoder weights in channels_last (NHWC) memory format; same results."""
-        for module in (self.parts.unet, self.codec):
-            module.to(memory_format=torch.channels_last)
-        return self
-
-    def compile(self, **options: Any) -> LatentDiffusionPipeline:
-        """`torch.compile` the UNet in place (keys unchanged). The first call then compiles for minutes on a
-        CPU; worth it for long GPU runs (see the README's GPU table), not for a few CPU samples."""
-        self.parts.unet.compile(**{"dynamic": False, **options})
-        return self
-
-    def enable_vae_slicing(self, slice_size: int = 1) -> LatentDiffusionPipeline:
-        """Decode `slice_size` images per decoder call instead of the whole batch (same images, less memory)."""
-        self.codec.enable_slicing(slice_size)
         return self
 
     @classmethod
