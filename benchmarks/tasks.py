@@ -43,7 +43,7 @@ from ldmkit.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldmkit.train import load_task_data, train_ldm  # noqa: E402
 
 # tasks on the same data and autoencoder train stage 1 once: the later one adopts the earlier one's (`first_stage`)
-SHARED_FIRST_STAGE = {"text-minilm": "text-bert", "semantic": "layout", "sr-bsr": "sr", "inpaint": "sr",
+SHARED_FIRST_STAGE = {"text-minilm": "text-bert", "sr-bsr": "sr", "inpaint": "sr",
                       "inpaint-photos": "sr-photos"}
 
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit.nn.banded import norm_act_conv, upsample_conv, use_bands
+
 ATTN_TYPES = ("vanilla", "none")
 
 
@@ -32,6 +34,11 @@ def _fresh_silu(h: Tensor) -> Tensor:
     """SiLU of a tensor nobody else holds (a GroupNorm output): in place when no gradient is recorded, which
     spares one full-resolution temporary per block (the decoder's peak memory at high resolution)."""
     return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
+def _norm_out_conv(norm: nn.GroupNorm, conv: nn.Conv2d, h: Tensor) -> Tensor:
+    """conv_out(SiLU(norm_out(h))), the last layers of the encoder and decoder; by row bands on large maps."""
+    return norm_act_conv(norm, conv, h) if use_bands(h) else conv(_fresh_silu(norm(h)))
 
 
 class ResnetBlock(nn.Module):
@@ -71,6 +78,8 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        if temb is None and use_bands(x) and not (self.training and self.dropout.p > 0):
+            return self._forward_banded(x)
         h = self.conv1(_fresh_silu(self.norm1(x)))  # (B, C_out, H, W)
         if temb is not None and hasattr(self, "temb_proj"):
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]  # (B, C_out, 1, 1) broadcast
@@ -78,6 +87,15 @@ class ResnetBlock(nn.Module):
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return h.add_(x) if not torch.is_grad_enabled() else x + h  # h is this block's own conv output
+
+    def _forward_banded(self, x: Tensor) -> Tensor:
+        """The same block on a large map without autograd: no full-size GroupNorm output is ever made
+        (`nn/banded.py`), which lowers the decoder's peak memory at >= 512 px."""
+        h = norm_act_conv(self.norm1, self.conv1, x)  # (B, C_out, H, W)
+        h = norm_act_conv(self.norm2, self.conv2, h)  # (B, C_out, H, W)
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -141,6 +159,8 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.with_conv and use_bands(x, upsample=2):
+            return upsample_conv(self.conv, x)  # (B, C, 2H, 2W), the 4x larger upsampled copy never made
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
         if self.with_conv:
             x = self.conv(x)
@@ -249,8 +269,7 @@ class Encoder(nn.Module):
         h = self.mid.block_1(h, temb)
         h = self.mid.attn_1(h)
         h = self.mid.block_2(h, temb)
-        h = _fresh_silu(self.norm_out(h))
-        return self.conv_out(h)  # (B, 2*z_channels or z_channels, H/f, W/f)
+        return _norm_out_conv(self.norm_out, self.conv_out, h)  # (B, 2*z_channels or z_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -350,8 +369,7 @@ class Decoder(nn.Module):
                 h = level.upsample(h)  # (B, C, 2*H_i, 2*W_i)
         if self.give_pre_end:
             return h
-        h = _fresh_silu(self.norm_out(h))
-        h = self.conv_out(h)  # (B, out_ch, H, W)
+        h = _norm_out_conv(self.norm_out, self.conv_out, h)  # (B, out_ch, H, W)
         if self.tanh_out:
             h = torch.tanh(h)
         return h
