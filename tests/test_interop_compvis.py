@@ -227,6 +227,21 @@ def test_use_ema_loads_the_shadows(tmp_path: Path, tiny_cfg) -> None:
         load_ldm_checkpoint(tmp_path / "plain.ckpt", config=tiny_cfg, use_ema=True)
 
 
+def test_the_unet_adopts_the_files_float32_tensors_instead_of_copying_them(tmp_path: Path, tiny_cfg) -> None:
+    state, parts = tiny_checkpoint(tiny_cfg, ema_offset=None)
+    torch.save({"state_dict": state}, tmp_path / "tiny.ckpt")
+    raw = read_checkpoint(tmp_path / "tiny.ckpt")
+    loaded = load_ldm_checkpoint(tmp_path / "tiny.ckpt", config=tiny_cfg, raw=raw)
+    for name, p in loaded.parts.unet.named_parameters():  # one copy of the weights in memory, not two
+        assert p.data_ptr() == raw.tensors[f"model.diffusion_model.{name}"].data_ptr(), name
+        assert isinstance(p, torch.nn.Parameter) and not p.is_meta
+    z = torch.randn(2, tiny_cfg.unet.in_channels, tiny_cfg.unet.image_size, tiny_cfg.unet.image_size)
+    steps = torch.tensor([10, 500])
+    ctx = torch.randn(2, 1, tiny_cfg.unet.context_dim) if tiny_cfg.unet.context_dim else None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.parts.unet(z, steps, context=ctx), parts.unet.eval()(z, steps, context=ctx))
+
+
 def test_broken_checkpoint_gives_a_report_and_loads_nothing(tmp_path: Path, tiny_cfg) -> None:
     state, _ = tiny_checkpoint(tiny_cfg, ema_offset=None)
     broken = dict(state)

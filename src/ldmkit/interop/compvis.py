@@ -123,7 +123,17 @@ def load_parts_strict(pairs: list[tuple[str, nn.Module | None, dict[str, Tensor]
     if check_only:
         return
     with torch.no_grad():
-        for _, module, state in pairs:
-            if module is not None:
+        for part, module, state in pairs:
+            if module is None:
+                continue
+            if any(t.is_meta for t in module.parameters()):
+                # built on the meta device: the module adopts the file's tensors instead of copying them, so
+                # loading an SD file costs its size once, not twice; dtypes still follow the module
+                own = module.state_dict()
+                state = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+                module.load_state_dict(state, strict=True, assign=True)
+                if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+                    raise ValueError(f"{part}: tensors outside the checkpoint stayed on the meta device")
+            else:
                 # dtype follows the module (float16 files load into float32 models and vice versa)
                 module.load_state_dict(state, strict=True)

@@ -101,8 +101,12 @@ def load_ldm_checkpoint(
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         cfg.parameterization = variant.parameterization = prediction
+    # the UNet, nearly all of the weights, is always built on the meta device: loading then adopts the file's
+    # tensors (`load_parts_strict`) rather than filling a randomly initialised copy of the same size
+    with torch.device("meta"):
+        unet = build_unet(cfg)
     with torch.device("meta" if check_only else "cpu"):
-        unet, autoencoder, conditioner = build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg)
+        autoencoder, conditioner = build_autoencoder(cfg), build_conditioner(cfg)
     schedule = build_schedule(cfg)
     if use_ema and not parts.has_ema:
         raise ValueError(f"{path} has no EMA weights (no model_ema.* keys); load without use_ema")
