@@ -13,7 +13,8 @@ then samples and measures:
                            and at 2x (convolutional sampling); shuffled maps as the floor
   sr / sr-bsr / sr-photos  PSNR / SSIM of x4 samples against the originals, next to bicubic upsampling
   inpaint / inpaint-photos error inside the hole and seam error, next to a flat mean-colour fill
-  img2img                  distance of SDEdit samples to their input at strength 0.3 / 0.6 / 1.0
+  img2img                  SDEdit of test digits towards the next class at strength 0.1 ... 1.0: distance
+                           to the input, and how often the judge sees the input's class or the asked one
 
 Run dirs stay under --runs, so a rerun only re-measures (delete one to retrain). A picture per task goes next
 to them (`<task>.png`). The command:
@@ -56,7 +57,7 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "sr-photos": ("photos_sr", {}),
     "inpaint": ("mnist_inpaint", {}),
     "inpaint-photos": ("photos_inpaint", {}),
-    "img2img": ("mnist_tiny", {}),
+    "img2img": ("mnist_demo", {}),  # the demo-size model: `make demo`'s run can be copied in as runs/tasks/img2img
 }
 
 
@@ -182,15 +183,23 @@ def measure_inpaint(pipe: LatentDiffusionPipeline, data: Any, n: int, runs: Path
     return out, torch.cat([(x * (1 - mask))[:8], images[:8], x[:8]])
 
 
-def measure_img2img(pipe: LatentDiffusionPipeline, n: int) -> tuple[dict[str, float], Any]:
+def measure_img2img(pipe: LatentDiffusionPipeline, n: int, runs: Path) -> tuple[dict[str, float], Any]:
+    """SDEdit's trade-off: test digits of class y re-drawn as class y + 1 (mod 10) at strength 0.1 ... 1.0.
+    Low strength keeps the input (small distance, judged y); full strength draws the asked class from noise."""
     from ldmkit.data.mnist import mnist_tensor
 
+    judge = _judge(runs)
     x, y = mnist_tensor("test")
     x, y = x[:n], y[:n]
+    target = (y + 1) % 10
     out, shown = {}, [x[:8]]
-    for s in (0.3, 0.6, 1.0):
-        images = sample(pipe, classes=y.tolist(), image=x, strength=s, guidance=3.0)
+    for s in (0.1, 0.2, 0.3, 0.6, 1.0):
+        images = sample(pipe, classes=target.tolist(), image=x, strength=s, guidance=3.0)
+        with torch.no_grad():
+            pred = judge(images).argmax(1)
         out[f"l1_to_input_strength_{s}"] = float((images - x).abs().mean())
+        out[f"judged_input_class_strength_{s}"] = float((pred == y).float().mean())
+        out[f"judged_asked_class_strength_{s}"] = float((pred == target).float().mean())
         shown.append(images[:8])
     return out, torch.cat(shown)
 
@@ -218,7 +227,7 @@ def main() -> int:
         elif task.startswith("inpaint"):
             figures, shown = measure_inpaint(pipe, data, args.n, args.runs)
         else:
-            figures, shown = measure_img2img(pipe, args.n)
+            figures, shown = measure_img2img(pipe, args.n, args.runs)
         save_grid(shown[:64], args.runs / f"{task}.png", nrow=8, scale=2)
         results[task] = {"preset": TASKS[task][0], "train_s": round(seconds),
                          "measure_s": round(time.perf_counter() - t0), **{k: round(v, 4) for k, v in figures.items()}}
