@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.nn.banded import norm_act_conv, upsample_conv, use_bands
+from ldmkit.nn.banded import add_conv1x1, norm_act_conv, upsample_conv, use_bands
 
 ATTN_TYPES = ("vanilla", "none")
 
@@ -93,9 +93,11 @@ class ResnetBlock(nn.Module):
         (`nn/banded.py`), which lowers the decoder's peak memory at >= 512 px."""
         h = norm_act_conv(self.norm1, self.conv1, x)  # (B, C_out, H, W)
         h = norm_act_conv(self.norm2, self.conv2, h)  # (B, C_out, H, W)
-        if self.in_channels != self.out_channels:
-            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return h.add_(x)
+        if self.in_channels == self.out_channels:
+            return h.add_(x)
+        if self.use_conv_shortcut:
+            return h.add_(self.conv_shortcut(x))
+        return add_conv1x1(h, self.nin_shortcut, x)
 
 
 class AttnBlock(nn.Module):

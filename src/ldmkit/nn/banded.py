@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MIN_PIXELS", "BANDS", "use_bands", "norm_act_conv", "upsample_conv"]
+__all__ = ["MIN_PIXELS", "BANDS", "use_bands", "norm_act_conv", "upsample_conv", "add_conv1x1"]
 
 MIN_PIXELS = 256 * 256  # H * W from which a map is banded (the top levels of a >= 512 px decode)
 BANDS = 8  # bands per map: each band's temporaries are ~1/8 of a full-size map
@@ -92,3 +92,15 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
         return up[:, :, a - 2 * (a // 2) : a - 2 * (a // 2) + (z - a)]  # (B, C, z - a, 2W)
 
     return _conv3x3_by_rows(conv, rows, 2 * h, 2 * w, b, x)
+
+
+def add_conv1x1(out: Tensor, conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """out += conv1x1(x), by row bands: the 1x1 shortcut of a ResnetBlock that changes width. Done whole, oneDNN
+    copies x into its blocked layout first (at 2+ threads), a full-size temporary at the decoder's peak."""
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError(f"banded shortcut needs a plain 1x1 conv, got {conv}")
+    height = x.shape[-2]
+    rows = -(-height // BANDS)
+    for r0 in range(0, height, rows):
+        out[:, :, r0 : r0 + rows] += F.conv2d(x[:, :, r0 : r0 + rows], conv.weight, conv.bias)  # (B, C_out, rows, W)
+    return out
