@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..training.build import COND_STAGE_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, ema_name
+from ..training.build import COND_STAGE_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, ema_name, load_strict
 from ..training.checkpoint import KeyReport, compare_state
 
 EMA_SCALARS = ("decay", "num_updates")
@@ -128,12 +128,8 @@ def load_parts_strict(pairs: list[tuple[str, nn.Module | None, dict[str, Tensor]
                 continue
             if any(t.is_meta for t in module.parameters()):
                 # built on the meta device: the module adopts the file's tensors instead of copying them, so
-                # loading an SD file costs its size once, not twice; dtypes still follow the module
-                own = module.state_dict()
-                state = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-                module.load_state_dict(state, strict=True, assign=True)
-                if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-                    raise ValueError(f"{part}: tensors outside the checkpoint stayed on the meta device")
+                # loading an SD file costs its size once, not twice
+                load_strict(module, state, part, assign=True)
             else:
                 # dtype follows the module (float16 files load into float32 models and vice versa)
                 module.load_state_dict(state, strict=True)
