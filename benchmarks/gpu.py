@@ -111,6 +111,8 @@ def measure_unets(args: argparse.Namespace, report: dict[str, Any]) -> None:
             mem_train = torch.cuda.max_memory_allocated() / 2**30
             m.requires_grad_(False)
             res[impl] = {"step_s": step, "train_s": train, "mem_gib": mem_inf, "train_mem_gib": mem_train}
+            if impl == "ldmkit":
+                res[impl].update(graph_step(m, xi, t, ci, outs[impl], args))
         if ref is None:
             ref = outs["ldmkit"]  # fp32 comes first
         std = float(ref.std())
@@ -125,19 +127,94 @@ def measure_unets(args: argparse.Namespace, report: dict[str, Any]) -> None:
             m.to("cpu", torch.float32)
         torch.cuda.empty_cache()
     report["unet"] = rows
-    print("\n| precision | ldmkit step (ms) | diffusers step (ms) | ratio | ldmkit train (ms) | diffusers train (ms) "
+    print("\n| precision | ldmkit step (ms) | CUDA graphs (ms) | diffusers step (ms) | ratio | graphs ratio "
+          "| ldmkit train (ms) | diffusers train (ms) "
           "| ratio | peak GiB ldmkit / diffusers | max err ldmkit-diffusers | max err vs fp32 ldmkit / diffusers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['ldmkit_step_s'] * 1e3:.1f} | {r['diffusers_step_s'] * 1e3:.1f} | "
-              f"{r['diffusers_step_s'] / r['ldmkit_step_s']:.2f}x | {r['ldmkit_train_s'] * 1e3:.1f} | "
+        print(f"| {r['dtype']} | {r['ldmkit_step_s'] * 1e3:.1f} | {r['ldmkit_graph_step_s'] * 1e3:.1f} | "
+              f"{r['diffusers_step_s'] * 1e3:.1f} | {r['diffusers_step_s'] / r['ldmkit_step_s']:.2f}x | "
+              f"{r['diffusers_step_s'] / r['ldmkit_graph_step_s']:.2f}x | {r['ldmkit_train_s'] * 1e3:.1f} | "
               f"{r['diffusers_train_s'] * 1e3:.1f} | {r['diffusers_train_s'] / r['ldmkit_train_s']:.2f}x | "
               f"{r['ldmkit_mem_gib']:.2f} / {r['diffusers_mem_gib']:.2f} | {r['ldmkit_vs_diffusers']:.1e} | "
               f"{r['ldmkit_vs_fp32']:.1e} / {r['diffusers_vs_fp32']:.1e} |")
     print("(ratio = diffusers time / ldmkit time: above 1 means ldmkit is faster; errors relative to the fp32 "
-          "output's std)", flush=True)
+          "output's std; CUDA graphs: Pipeline.enable_cuda_graphs, max difference from eager "
+          + ", ".join(f"{r['dtype']} {r['ldmkit_graph_vs_eager']:.1e}" for r in rows) + ")", flush=True)
+    measure_sampling(models, x, ctx, args, report)
     if args.compile:
         measure_compiled(models, x, t, ctx, args, report)
+
+
+def graph_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, eager: torch.Tensor,
+               args: argparse.Namespace) -> dict[str, float]:
+    """ldmkit's UNet replayed from a CUDA graph (what Pipeline.enable_cuda_graphs runs): step time, peak memory
+    and max difference from the eager output (relative to its std)."""
+    from ldmkit.nn.cuda_graph import CUDAGraphRunner
+
+    runner = CUDAGraphRunner(model)
+    fwd = forward_fn("ldmkit", runner, x, t, ctx)  # type: ignore[arg-type]
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        out = fwd().float()
+        step = cuda_time(fwd, args.iters, args.warmup)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    runner.reset()
+    return {"graph_step_s": step, "graph_mem_gib": mem,
+            "graph_vs_eager": float((out - eager).abs().max() / eager.std())}
+
+
+def measure_sampling(models: dict[str, torch.nn.Module], x: torch.Tensor, ctx: torch.Tensor,
+                     args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """What a user waits for: `--sample-steps` DDIM steps with classifier-free guidance (one batch-2 UNet call
+    a step: the conditional and unconditional halves together) through ldmkit's sampler, in fp16, with each
+    library's UNet, and with ldmkit's replayed from CUDA graphs. Wall clock, the whole loop."""
+    from ldmkit.config import load_config
+    from ldmkit.diffusion import DiscreteDenoiser, guided_denoiser
+    from ldmkit.diffusion.samplers.registry import run_sampler
+    from ldmkit.nn.cuda_graph import CUDAGraphRunner
+    from ldmkit.training.build import build_schedule
+
+    schedule = build_schedule(load_config("sd-v1"))
+    dev, dtype = torch.device("cuda"), torch.float16
+    cond, uncond = {"context": ctx[:1].to(dev, dtype)}, {"context": ctx[1:].to(dev, dtype)}
+    runs: dict[str, Callable[..., torch.Tensor]] = {}
+    for impl, m in models.items():
+        m.to(dev, dtype)
+        # the latents stay fp32 in the sampler; each UNet call runs in fp16 (as a pipeline's autocast would)
+        if impl == "ldmkit":
+            runs["ldmkit"] = lambda x, t, context=None, m=m: m(x.to(dtype), t, context=context).float()
+            runner = CUDAGraphRunner(m)
+            runs["ldmkit, CUDA graphs"] = lambda x, t, context=None, r=runner: r(x.to(dtype), t,
+                                                                                 context=context).float()
+        else:
+            runs[impl] = lambda x, t, context=None, m=m: m(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+    out: dict[str, dict[str, float]] = {}
+    finals: dict[str, torch.Tensor] = {}
+    for rep in range(2):  # the first round warms up (and captures the graph); the second is timed
+        for name, fn in runs.items():
+            den = DiscreteDenoiser(fn, schedule)
+            guided = guided_denoiser(den, cond, uncond, 7.5)
+            noise = x[:1].to(dev)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                finals[name] = run_sampler("ddim", guided, noise, schedule, steps=args.sample_steps, eta=0.0,
+                                           generator=torch.Generator().manual_seed(0)).float()
+            torch.cuda.synchronize()
+            if rep == 1:
+                out[name] = {"seconds": time.perf_counter() - t0}
+    scale = float(finals["ldmkit"].std())
+    for name in out:
+        out[name]["max_diff_vs_ldmkit_eager"] = float((finals[name] - finals["ldmkit"]).abs().max()) / scale
+        out[name]["speedup_vs_diffusers"] = out["diffusers"]["seconds"] / out[name]["seconds"]
+        print(f"# sampling fp16, {args.sample_steps} DDIM steps, guidance 7.5, {name}: {out[name]['seconds']:.3f} s, "
+              f"{out[name]['speedup_vs_diffusers']:.2f}x diffusers' speed, max diff from ldmkit eager "
+              f"{out[name]['max_diff_vs_ldmkit_eager']:.1e}", flush=True)
+    for m in models.values():
+        m.to("cpu", torch.float32)
+    torch.cuda.empty_cache()
+    report["sampling_fp16"] = out
 
 
 def measure_compiled(models: dict[str, torch.nn.Module], x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
@@ -205,6 +282,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated, fp32 first")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd fp16 inference")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the timed sampling loop")
     p.add_argument("--skip-unet", action="store_true", help="only the sampler check")
     p.add_argument("--json", type=Path, help="write the measurements here")
     args = p.parse_args()

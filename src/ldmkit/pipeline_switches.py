@@ -13,6 +13,7 @@ import torch
 
 from .latent import LatentCodec
 from .training.build import LDMParts
+from .training.diffusion import Denoiser
 
 S = TypeVar("S", bound="SpeedSwitches")
 
@@ -22,6 +23,7 @@ class SpeedSwitches:
 
     parts: LDMParts
     codec: LatentCodec
+    net: Denoiser
 
     def enable_vae_tiling(self: S, tile_size: int | None = None, overlap: int | None = None) -> S:
         """Decode (and encode) large images in overlapping tiles of `tile_size` latent pixels (default: 512 px
@@ -35,6 +37,7 @@ class SpeedSwitches:
         """Attend over `slice_size` (batch, head) maps at a time (None: all at once). Memory for backends that
         build the full attention matrix; torch's CPU and flash kernels never do, so here it only costs time."""
         self.parts.unet.set_attention_slice(slice_size)
+        self._reset_cuda_graphs()
         return self
 
     def fuse_qkv_projections(self: S, fuse: bool = True) -> S:
@@ -43,6 +46,7 @@ class SpeedSwitches:
             self.parts.unet.fuse_qkv_projections()
         else:
             self.parts.unet.unfuse_qkv_projections()
+        self._reset_cuda_graphs()
         return self
 
     def to_channels_last(self: S) -> S:
@@ -55,7 +59,29 @@ class SpeedSwitches:
         """`torch.compile` the UNet in place (keys unchanged). The first call then compiles for minutes on a
         CPU; worth it for long GPU runs (see the README's GPU table), not for a few CPU samples."""
         self.parts.unet.compile(**{"dynamic": False, **options})
+        self._reset_cuda_graphs()
         return self
+
+    def enable_cuda_graphs(self: S, enable: bool = True, *, max_graphs: int = 4) -> S:
+        """Replay the UNet's inference calls from CUDA graphs (`nn.cuda_graph`): each input shape is captured
+        once, on its first call, then every step is one launch. Same outputs as eager; on a GPU at small batch,
+        where a step is bound by kernel launches, it is the largest speed-up (README, GPU table). Needs a CUDA
+        device; calls on the CPU still run eagerly. `enable=False` drops the graphs and their memory."""
+        from .nn.cuda_graph import CUDAGraphRunner
+
+        if not enable:
+            self.net.unet_runner = None
+            return self
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device, and torch sees none here")
+        self.net.unet_runner = CUDAGraphRunner(self.parts.unet, max_graphs=max_graphs)
+        return self
+
+    def _reset_cuda_graphs(self) -> None:
+        """Switches that change what the UNet computes or which tensors it reads invalidate captured graphs."""
+        runner = getattr(self.net, "unet_runner", None)
+        if runner is not None:
+            runner.reset()
 
     def enable_vae_slicing(self: S, slice_size: int = 1) -> S:
         """Decode `slice_size` images per decoder call instead of the whole batch (same images, less memory)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ class Denoiser(nn.Module):
         self.unet = unet
         self.conditioner = conditioner
         self.key = key
+        # what runs the UNet at inference: None = the module itself; the pipeline's enable_cuda_graphs sets a
+        # nn.cuda_graph.CUDAGraphRunner over it (a plain attribute: no state_dict entry)
+        self.unet_runner: Callable[..., Tensor] | None = None
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, context: Tensor | None = None,
                 concat: Tensor | None = None) -> Tensor:
@@ -89,7 +93,8 @@ class Denoiser(nn.Module):
                 context = out
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # [B, C + C_cond, h, w]
-        return self.unet(x, t, context=context)
+        run = self.unet_runner if self.unet_runner is not None and not torch.is_grad_enabled() else self.unet
+        return run(x, t, context=context)
 
 
 def is_frozen(module: nn.Module | None) -> bool:
