@@ -72,6 +72,13 @@ def test_sample_errors_are_one_line(tiny_run, tmp_path, capsys, args, needle):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_cuda_graphs_flag_needs_a_cuda_device(tiny_run, tmp_path, capsys):
+    rc = main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "g.png"), "--cuda-graphs"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--cuda-graphs needs a CUDA device: add --device cuda (device is cpu)" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_vae_tiling_only_touches_latents_larger_than_a_tile(tiny_run, tmp_path):
     """At the model's 32 px (8 x 8 latents) an 8-pixel tile is the whole latent: the same PNG bit for bit. At 64 px
     the 16 x 16 latents decode in tiles, and the pictures change. (How close tiles come to the whole decode is

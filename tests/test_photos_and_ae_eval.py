@@ -145,6 +145,37 @@ def test_crop_boxes_describe_the_crops() -> None:
     assert torch.equal(labels // 4, crops.photo_index)
 
 
+def test_channel_shuffle_reorders_the_same_crops() -> None:
+    plain = PhotoCrops("train", 16, 120, seed=2)
+    shuffled = PhotoCrops("train", 16, 120, seed=2, channel_shuffle=True)
+    assert torch.equal(plain.boxes, shuffled.boxes)  # the order is drawn last: same photos, places, flips
+    assert torch.equal(plain.channel_order, torch.arange(3).expand(120, 3))
+    orders = {tuple(o) for o in shuffled.channel_order.tolist()}
+    assert len(orders) == 6  # every permutation of RGB occurs
+    for i in range(len(plain)):
+        assert torch.equal(shuffled.images[i], plain.images[i][shuffled.channel_order[i]])
+    # with shuffled channels no channel is favoured: the per-channel means of the red-heavy set draw together
+    spread = lambda x: float(x.mean((0, 2, 3)).max() - x.mean((0, 2, 3)).min())  # noqa: E731
+    assert spread(shuffled.images) < spread(plain.images) / 3
+
+
+def test_photo_data_config_adds_grey_photos_and_shuffle_to_training_only() -> None:
+    from ldmkit.config import load_config
+    from ldmkit.train import load_dataset
+
+    cfg = load_config("photos_sr", {"data.limit": 300})
+    assert cfg.data.include_gray and cfg.data.channel_shuffle  # the photo task presets use both
+    train, idx = load_dataset(cfg, "train")
+    grey = train[:, 0].eq(train[:, 1]).flatten(1).all(1) & train[:, 1].eq(train[:, 2]).flatten(1).all(1)
+    assert 0.3 < float(grey.float().mean()) < 0.8  # 5 of the 9 training photos are grey
+    assert int(idx.max()) == 8
+    test, _ = load_dataset(cfg, "test")  # held-out crops exactly as before: colour photos, channels in order
+    held = PhotoCrops("held_out", 64, 300, seed=1)
+    assert torch.equal(test, held.images)
+    with pytest.raises(ValueError, match="apply to the photos dataset"):
+        load_dataset(load_config("mnist_tiny", {"data.channel_shuffle": True}))
+
+
 # ----------------------------------------------------------------------------- SSIM
 
 

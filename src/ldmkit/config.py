@@ -96,6 +96,8 @@ class DataConfig:
     digits: tuple[int, int] = (1, 4)  # canvases: fewest and most digits per canvas
     min_size: int = 8  # own data: images whose short side is below this many pixels are skipped (and counted)
     stream: bool = False  # shards: train reading them as it goes (data.stream), never holding them in memory
+    include_gray: bool = False  # photos: the greyscale CC0 / public-domain photos too (training split only)
+    channel_shuffle: bool = False  # photos: each training crop's RGB channels in a random order (colour prior off)
 
 
 @dataclass

@@ -33,6 +33,8 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
     d = cfg.data
     if d.limit is not None and d.limit < 1:
         raise ValueError(f"data.limit must be >= 1, got {d.limit}")
+    if d.name != "photos" and (d.include_gray or d.channel_shuffle):
+        raise ValueError(f"data.include_gray and data.channel_shuffle apply to the photos dataset, not {d.name!r}")
     if d.name in ("emoji", "canvases", "folder", "captions", "shards"):
         data = load_task_data(cfg, split)
         labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.long)
@@ -42,13 +44,16 @@ def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tup
             raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
         images, labels = mnist_tensor(split, d.root)
     elif d.name == "photos":
-        from .data.photos import PhotoCrops
+        from .data.photos import PhotoCrops, photo_sources
 
         if d.channels != 3:
             raise ValueError("the photos dataset is RGB: set data.channels 3")
-        # train crops come from the training photos only; "test" crops from photos never trained on
-        crops = PhotoCrops("train" if split == "train" else "held_out", d.resolution, d.limit or 4096,
-                           seed=0 if split == "train" else 1)
+        # train crops come from the training photos only; "test" crops from photos never trained on, as they
+        # are: the grey photos and shuffled channels are training augmentations
+        train = split == "train"
+        crops = PhotoCrops("train" if train else "held_out", d.resolution, d.limit or 4096,
+                           seed=0 if train else 1, channel_shuffle=d.channel_shuffle and train,
+                           sources=photo_sources(include_gray=d.include_gray and train))
         return crops.images, crops.photo_index
     else:
         raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos', 'folder', 'captions', 'shards', "

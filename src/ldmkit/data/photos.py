@@ -258,10 +258,14 @@ class PhotoCrops(Dataset):
        ``base_short_side / s``.  This makes the content density comparable across photos of
        300-1411 pixels;
     3. a uniform position, then an antialiased bilinear resize to ``size`` (no overshoot, so values
-       stay in [-1, 1]), and a horizontal flip with probability 1/2 if ``hflip``.
+       stay in [-1, 1]), and a horizontal flip with probability 1/2 if ``hflip``;
+    4. with ``channel_shuffle``, one of the six orders of the RGB channels, uniformly.  With four colour
+       training photos, one of them the red retina, an autoencoder learns their colours as a prior (it
+       reconstructed held-out photos with a red cast); shuffled channels leave it no colour to prefer.
 
     Attributes: ``images`` float32 ``[N, 3, size, size]``; ``photo_index`` int64 ``[N]`` (into
-    ``names``); ``boxes`` int64 ``[N, 3]`` = (top, left, side) in photo pixels; ``flipped`` bool ``[N]``.
+    ``names``); ``boxes`` int64 ``[N, 3]`` = (top, left, side) in photo pixels; ``flipped`` bool ``[N]``;
+    ``channel_order`` int64 ``[N, 3]`` (the source channel of each output channel).
     """
 
     def __init__(
@@ -274,6 +278,7 @@ class PhotoCrops(Dataset):
         generator: torch.Generator | None = None,
         scale: tuple[float, float] = (0.75, 1.5),
         hflip: bool = True,
+        channel_shuffle: bool = False,
         base_short_side: int = 256,
         sources: Sequence[PhotoSource] | None = None,
         held_out: Sequence[str] = HELD_OUT,
@@ -298,6 +303,9 @@ class PhotoCrops(Dataset):
         u_top = torch.rand(n, generator=g, dtype=torch.float64)
         u_left = torch.rand(n, generator=g, dtype=torch.float64)
         flip = torch.rand(n, generator=g) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+        # drawn last, so that the crops without it stay the ones earlier releases made from the same seed
+        order = (torch.argsort(torch.rand(n, 3, generator=g), dim=1) if channel_shuffle
+                 else torch.arange(3).expand(n, 3).clone())  # [N, 3]
 
         tensors = [torch.from_numpy(np.array(p.array)).permute(2, 0, 1) for p in photos]  # [3, H, W] uint8
         images = torch.empty(n, 3, size, size, dtype=torch.float32)
@@ -315,12 +323,13 @@ class PhotoCrops(Dataset):
                                      antialias=True)[0]  # [3, size, size]
             if flip[i]:
                 crop = crop.flip(-1)
-            images[i] = crop
+            images[i] = crop[order[i]]
             boxes[i] = torch.tensor([top, left, side])
         self.images = images.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
         self.photo_index = idx
         self.boxes = boxes
         self.flipped = flip
+        self.channel_order = order
         self.photo_shapes = [tuple(t.shape[1:]) for t in tensors]  # (H, W) per photo
 
     def region_labels(self, grid: int = 2) -> Tensor:
