@@ -86,3 +86,30 @@ def test_training_keeps_the_plain_autograd_path() -> None:
         assert banded.use_bands(torch.zeros(1, 1, 256, 256))
         assert not banded.use_bands(torch.zeros(1, 1, 64, 64))
         assert banded.use_bands(torch.zeros(1, 1, 128, 128), upsample=2)
+
+
+@torch.no_grad()
+def test_attention_never_builds_the_hw_by_hw_matrix() -> None:
+    """The autoencoder's mid-block attention and the ADM-style 3-D attention run torch's CPU flash kernel (4-D
+    inputs): with 3-D inputs torch fell back to materialising softmax(q k^T), 34 GiB at a 2048 px decode."""
+    from ldmkit.models.ae_modules import AttnBlock
+    from ldmkit.nn.attention import sliced_attention
+
+    torch.manual_seed(0)
+    block = AttnBlock(32).eval()
+    x = torch.randn(1, 32, 48, 48)  # 2,304 positions: the full matrix would be 5.3M elements
+    with _Largest() as rec:
+        out = block(x)
+    assert max(rec.largest.values()) < 48 * 48 * 48 * 48 // 8, rec.largest
+    # the same numbers as softmax(q k^T / sqrt(C)) v written out
+    hn = block.norm(x)
+    q, k, v = (conv(hn).flatten(2) for conv in (block.q, block.k, block.v))  # [1, C, HW]
+    w = torch.softmax(q.transpose(1, 2) @ k / 32**0.5, dim=-1)  # [1, HW, HW]
+    want = x + block.proj_out((v @ w.transpose(1, 2)).reshape(1, 32, 48, 48))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+    q, k, v = torch.randn(3, 4, 2048, 16).unbind(0)  # [BH, N, D], the legacy QKVAttention layout
+    with _Largest() as rec:
+        got = sliced_attention(q, k, v)
+    assert max(rec.largest.values()) < 4 * 2048 * 2048 // 8, rec.largest
+    torch.testing.assert_close(got, torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v, rtol=1e-5, atol=1e-5)
