@@ -40,7 +40,9 @@ def test_batch_item_i_equals_a_single_run_with_seed_i(class_pipe, sampler):
         alone = class_pipe(class_label=label, seed=5 + i, steps=4, sampler=sampler)
         assert np.abs(_arr(out.images[i]) - _arr(alone.images[0])).max() <= 1  # batching changes no picture
     again = class_pipe(class_label=[3, 7], n=2, seed=5, steps=4, sampler=sampler, batch_size=4)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, again.images, strict=True))
+    # oneDNN may block a batch of 3 and of 4 differently: float rounding can move a pixel by one level (a CI run
+    # saw it once with DPM++ 2M SDE Karras), never more
+    assert all(np.abs(_arr(a) - _arr(b)).max() <= 1 for a, b in zip(out.images, again.images, strict=True))
     other = class_pipe(class_label=3, seed=6, steps=4, sampler=sampler)
     assert np.abs(_arr(other.images[0]) - _arr(out.images[0])).max() > 10  # another seed, another picture
 
