@@ -79,8 +79,9 @@ class SpeedSwitches:
 
     def _reset_cuda_graphs(self) -> None:
         """Switches that change what the UNet computes or which tensors it reads invalidate captured graphs."""
-        if self.net.unet_runner is not None:
-            self.net.unet_runner.reset()
+        runner = getattr(self.net, "unet_runner", None)
+        if runner is not None:
+            runner.reset()
 
     def enable_vae_slicing(self: S, slice_size: int = 1) -> S:
         """Decode `slice_size` images per decoder call instead of the whole batch (same images, less memory)."""

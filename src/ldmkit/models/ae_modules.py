@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.nn.attention import sdpa
 from ldmkit.nn.banded import add_conv1x1, norm_act_conv, upsample_conv, use_bands
 
 ATTN_TYPES = ("vanilla", "none")
@@ -117,13 +116,13 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         hn = self.norm(x)
         q, k, v = self.q(hn), self.k(hn), self.v(hn)  # 3 x (B, C, H, W)
-        q = q.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        k = k.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        v = v.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        # softmax(q k^T / sqrt(C)) v, the reference's scaling (one head of width C), through torch's CPU flash
-        # kernel (nn.attention.sdpa): plain SDPA on these 3-D views builds the HW x HW matrix, 34 GiB at 2048 px
-        out = sdpa(q, k, v)  # (B, HW, C)
-        out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        q = q.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()  # (B, 1, HW, C)
+        k = k.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()  # (B, 1, HW, C)
+        v = v.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()  # (B, 1, HW, C)
+        # softmax(q k^T / sqrt(C)) v, the reference's scaling (one head of width C). 4-D and contiguous, so that
+        # torch's CPU flash kernel runs: otherwise torch builds the HW x HW matrix, 34 GiB at a 2048 px decode
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        out = out.transpose(2, 3).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(out)
 
 
