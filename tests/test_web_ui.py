@@ -43,13 +43,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(text_run):
+def server(text_run, tmp_path_factory):
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         _need("gradio (pip install 'ldmkit[ui]')")
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    # uploads and results go to a folder of this run's own, not a /tmp/gradio that earlier runs have filled
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     proc = subprocess.Popen([sys.executable, "-m", "ldmkit.cli.main", "serve", "--checkpoint", str(text_run),
                              "--port", str(port), "--max-steps", "20", "--max-images", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -151,14 +153,28 @@ def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path
     editor.get_by_text("Upload an image").wait_for()  # the tab's editor is on screen
     canvas = editor.locator("canvas").first
     blue = (30, 60, 200)
-    for _ in range(3):  # a file chosen while the editor is still mounting can be dropped: choose it again
-        editor.locator("input[type=file]").set_input_files(str(picture))
-        try:
-            _wait_until(lambda: canvas.is_visible() and _share_of_colour(canvas, blue) > 0.05, "the picture", 10)
+    seen: list[str] = []  # what the page reported, for the failure message
+    page.on("console", lambda m: seen.append(f"console error: {m.text}") if m.type == "error" else None)
+    page.on("requestfailed", lambda r: seen.append(f"request failed: {r.url} {r.failure}"))
+    for attempt in range(3):  # as a person does: click the editor and choose the file; a choice made while
+        try:                  # the editor is still mounting can be dropped, so choose it again
+            if attempt < 2:
+                with page.expect_file_chooser(timeout=10_000) as chooser:
+                    editor.get_by_text("Upload an image").click(timeout=10_000)
+                chooser.value.set_files(str(picture))
+            else:  # last try: a freshly loaded page, the file handed straight to the editor's file input
+                page.reload(wait_until="networkidle")
+                page.get_by_role("tab", name="Inpaint").click()
+                editor.get_by_text("Upload an image").wait_for()
+                editor.locator("input[type=file]").set_input_files(str(picture), timeout=10_000)
+            _wait_until(lambda: canvas.is_visible() and _share_of_colour(canvas, blue) > 0.05, "the picture", 15)
             break
-        except pytest.fail.Exception:
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - a missed chooser or a dropped file: again
             continue
-    _wait_until(lambda: _share_of_colour(canvas, blue) > 0.05, "the uploaded picture", 1)
+    if not (canvas.is_visible() and _share_of_colour(canvas, blue) > 0.05):
+        editor.screenshot(path=str(tmp_path / "editor.png"))
+        pytest.fail(f"the uploaded picture never appeared in the editor (screenshot {tmp_path / 'editor.png'}); "
+                    f"the page reported: {seen[-20:]}")
     time.sleep(0.5)
     before = _share_of_colour(canvas, blue)
     box = canvas.bounding_box()
