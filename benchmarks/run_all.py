@@ -29,6 +29,7 @@ SUITE: list[tuple[str, list[str], str]] = [
      "optimisation switches: inference_mode, channels_last, fused QKV, slicing (compile: run the script alone)"),
     ("vae_decode", ["--sizes", "512", "1024", "--whole-max", "1024"], "VAE decode: whole vs tiled vs sliced"),
     ("sd_sampling_memory", [], "peak memory of SD-size sampling at 512 px"),
+    ("sd_sampling_memory", ["--low-cpu-memory"], "the same with Pipeline.enable_low_cpu_memory"),
     # pixels against f = 4 only, 120 CPU s each: 60 s for all four factors taught none of them anything; the plot
     # goes under runs/ so that the README's figure (--budget 300, all four factors, about 45 minutes) stays
     ("latent_vs_pixel", ["--factors", "1", "4", "--budget", "120", "--n-train", "20000", "--threads", "1",

@@ -16,9 +16,10 @@ that built weights) starts with the parent's peak. VmHWM belongs to the exec'd i
 `--load checkpoint` measures the loading path a user takes instead: a helper process writes the weights as
 an ldmkit checkpoint, and the sampling child opens it with `Pipeline.from_checkpoint`. `--vae-tile N` decodes
 in N x N latent tiles (`Pipeline.enable_vae_tiling`; at 512 px the latent is 64 x 64, so N < 64 to tile).
+`--low-cpu-memory` switches on `Pipeline.enable_low_cpu_memory` (freed tensors go straight back to the system).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sd_sampling_memory.py [--steps 2] [--threads 2] [--size 512]
-        [--load init|checkpoint] [--vae-tile 32] [--quick]
+        [--load init|checkpoint] [--vae-tile 32] [--low-cpu-memory] [--quick]
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if not hasattr(pipe, "enable_vae_tiling"):
             raise ValueError("--vae-tile: this ldmkit's pipeline has no enable_vae_tiling")
         pipe.enable_vae_tiling(args.vae_tile, args.vae_tile_overlap)
+    if args.low_cpu_memory:
+        pipe.enable_low_cpu_memory()
     sizes = {name: _gib_of(m) for name, m in (("UNet", pipe.parts.unet), ("autoencoder", pipe.parts.autoencoder),
                                                ("text encoder", pipe.parts.conditioner))}
     phases.mark(f"weights {how}")
@@ -160,7 +163,7 @@ def report(r: dict[str, Any], args: argparse.Namespace, wall: float) -> None:
           f"guidance 7.5, {args.threads} threads" + (" (--quick: tiny model)" if args.quick else ""))
     print(f"weights: {parts} parameters = {total_w:.2f} GiB in float32"
           + (f"; VAE decode in {args.vae_tile} x {args.vae_tile} latent tiles, overlap {args.vae_tile_overlap}"
-             if args.vae_tile else "") + "\n")
+             if args.vae_tile else "") + ("; Pipeline.enable_low_cpu_memory" if args.low_cpu_memory else "") + "\n")
     print("| phase | peak RSS so far (GiB) | RSS now (GiB) | wall since imports (s) |")
     print("|---|---|---|---|")
     for p in r["phases"]:
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode in tiles of this many latent pixels (Pipeline.enable_vae_tiling)")
     p.add_argument("--vae-tile-overlap", type=int, default=None,
                    help="latent pixels shared by neighbouring tiles (default: a quarter of the tile)")
+    p.add_argument("--low-cpu-memory", action="store_true",
+                   help="Pipeline.enable_low_cpu_memory: freed tensors go straight back to the system")
     p.add_argument("--quick", action="store_true", help="a tiny model at 64 px, 1 step (a few seconds)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -218,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # The parent stays small (no torch): the children's memory figures are theirs alone.
     t0 = time.perf_counter()
+    tiles = ["--vae-tile", str(args.vae_tile), "--vae-tile-overlap", str(args.vae_tile_overlap)]
     common = ["--steps", str(args.steps), "--size", str(args.size), "--threads", str(args.threads)] + (
-        ["--quick"] if args.quick else []) + (
-        ["--vae-tile", str(args.vae_tile), "--vae-tile-overlap", str(args.vae_tile_overlap)] if args.vae_tile else [])
+        ["--quick"] if args.quick else []) + (tiles if args.vae_tile else []) + (
+        ["--low-cpu-memory"] if args.low_cpu_memory else [])
     with tempfile.TemporaryDirectory() as tmp:
         extra = []
         if args.load == "checkpoint":

@@ -103,16 +103,18 @@ class LatentDiffusionPipeline(SpeedSwitches):
         if meta.get("kind") != "ldm" or "config" not in meta:
             raise CheckpointError(f"{path} is not an ldmkit latent diffusion checkpoint (kind {meta.get('kind')!r})")
         cfg = from_dict(LDMConfig, meta["config"])
-        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read. The UNet, the
-        # bulk of the weights, is built on the meta device and takes the file's tensors as they are, so that
-        # loading peaks at about the size of the file, not twice it
+        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read. Every part takes
+        # the file's (memory-mapped) tensors as its own instead of copying them, so the weights are in memory
+        # once: a copy would add its own pages to the file's, which stay mapped while the UNet uses them. The
+        # UNet, the bulk of the weights, is built on the meta device; the smaller parts are built for real,
+        # keeping buffers that no checkpoint holds (CLIP's causal mask), and their random weights are dropped.
         with torch.device("meta"):
             unet = build_unet(cfg)
         parts = LDMParts(unet, build_autoencoder(cfg), build_conditioner(cfg, pretrained=False), build_schedule(cfg))
         load_strict(parts.unet, split_prefix(tensors, UNET_PREFIX), "UNet", assign=True)
-        load_strict(parts.autoencoder, split_prefix(tensors, FIRST_STAGE_PREFIX), "autoencoder")
+        load_strict(parts.autoencoder, split_prefix(tensors, FIRST_STAGE_PREFIX), "autoencoder", assign=True)
         if parts.conditioner is not None:
-            load_strict(parts.conditioner, split_prefix(tensors, COND_STAGE_PREFIX), "conditioner")
+            load_strict(parts.conditioner, split_prefix(tensors, COND_STAGE_PREFIX), "conditioner", assign=True)
         return cls(cfg, parts, float(meta["scale_factor"]))
 
     @classmethod

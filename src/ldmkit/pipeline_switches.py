@@ -83,6 +83,16 @@ class SpeedSwitches:
         if runner is not None:
             runner.reset()
 
+    def enable_low_cpu_memory(self: S) -> S:
+        """Freed tensors go back to the operating system at once (glibc's malloc: `nn.host_memory`), instead of
+        staying in the heap between the UNet steps and the decode: SD sampling at 512 px peaks 0.2 GiB lower
+        (README, Stable Diffusion memory). Same results; it switches the allocator of the whole process, and does
+        nothing where the C library is not glibc."""
+        from .nn.host_memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+        return self
+
     def enable_vae_slicing(self: S, slice_size: int = 1) -> S:
         """Decode `slice_size` images per decoder call instead of the whole batch (same images, less memory)."""
         self.codec.enable_slicing(slice_size)
