@@ -126,9 +126,11 @@ def load_parts_strict(pairs: list[tuple[str, nn.Module | None, dict[str, Tensor]
         for part, module, state in pairs:
             if module is None:
                 continue
-            if any(t.is_meta for t in module.parameters()):
-                # built on the meta device: the module adopts the file's tensors instead of copying them, so
-                # loading an SD file costs its size once, not twice
+            if any(t.is_meta for t in module.parameters()) or all(
+                    p.dtype == torch.float32 for p in module.parameters()):
+                # the module adopts the file's tensors instead of copying them (float16 ones are cast once), so
+                # loading an SD file costs its size once, not twice: a copy would sit beside a safetensors
+                # file's mapped pages, which stay resident while the UNet uses the same mapping
                 load_strict(module, state, part, assign=True)
             else:
                 # dtype follows the module (float16 files load into float32 models and vice versa)
