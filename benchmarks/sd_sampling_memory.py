@@ -14,12 +14,14 @@ process that vfork()ed the child through exec, so a child started by a big paren
 that built weights) starts with the parent's peak. VmHWM belongs to the exec'd image alone.
 
 `--load checkpoint` measures the loading path a user takes instead: a helper process writes the weights as
-an ldmkit checkpoint, and the sampling child opens it with `Pipeline.from_checkpoint`. `--vae-tile N` decodes
+an ldmkit checkpoint, and the sampling child opens it with `Pipeline.from_checkpoint`. `--load original` writes
+them as an original Stable Diffusion .safetensors file (CompVis keys, no ldmkit metadata), which
+`Pipeline.from_checkpoint` identifies from its keys. `--vae-tile N` decodes
 in N x N latent tiles (`Pipeline.enable_vae_tiling`; at 512 px the latent is 64 x 64, so N < 64 to tile).
 `--low-cpu-memory` switches on `Pipeline.enable_low_cpu_memory` (freed tensors go straight back to the system).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sd_sampling_memory.py [--steps 2] [--threads 2] [--size 512]
-        [--load init|checkpoint] [--vae-tile 32] [--low-cpu-memory] [--quick]
+        [--load init|checkpoint|original] [--vae-tile 32] [--low-cpu-memory] [--quick]
 """
 
 from __future__ import annotations
@@ -141,12 +143,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "step_s": [b["t"] - a["t"] for a, b in zip(step_rows, step_rows[1:], strict=False)]}
 
 
-def write_checkpoint(path: str, quick: bool) -> None:
-    """Helper process for --load checkpoint: the same seeded weights as an ldmkit checkpoint file."""
+def write_checkpoint(path: str, quick: bool, original: bool) -> None:
+    """Helper process for --load checkpoint / original: the same seeded weights as an ldmkit checkpoint file,
+    or as an original SD .safetensors file (the same CompVis keys, without ldmkit's metadata)."""
+    from safetensors.torch import load_file, save_file
+
     from ldmkit.training.diffusion import save_ldm
 
     pipe = build_pipeline(quick)
     save_ldm(Path(path), pipe.parts, pipe.cfg, pipe.codec.scale_factor)
+    if original:
+        tensors = load_file(path)
+        save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _run(cmd: list[str], threads: int) -> str:
@@ -185,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="DDIM steps (each is one CFG UNet call, ~10 s at 2 threads)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512, 64 with --quick)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--load", choices=("init", "checkpoint"), default="init",
-                   help="init: build the seeded weights in the sampling process; checkpoint: open them with "
-                        "Pipeline.from_checkpoint from a file a helper process wrote")
+    p.add_argument("--load", choices=("init", "checkpoint", "original"), default="init",
+                   help="init: build the seeded weights in the sampling process; checkpoint / original: open them "
+                        "with Pipeline.from_checkpoint from an ldmkit / original SD file a helper process wrote")
     p.add_argument("--vae-tile", type=int, default=None,
                    help="decode in tiles of this many latent pixels (Pipeline.enable_vae_tiling)")
     p.add_argument("--vae-tile-overlap", type=int, default=None,
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--original", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -208,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             args.vae_tile_overlap = args.vae_tile // 4
         if not 0 <= args.vae_tile_overlap < args.vae_tile:
             raise ValueError(f"--vae-tile-overlap must be in [0, --vae-tile), got {args.vae_tile_overlap}")
-    if args.quick and args.load == "checkpoint":
-        raise ValueError("--load checkpoint needs the full model: from_checkpoint builds SD's CLIP text encoder, "
+    if args.quick and args.load != "init":
+        raise ValueError(f"--load {args.load} needs the full model: from_checkpoint builds SD's CLIP text encoder, "
                          "not --quick's tiny one")
     args.size = args.size or (64 if args.quick else 512)
     if args.size % 8:
         raise ValueError(f"--size must be a multiple of 8 (the kl-f8 autoencoder), got {args.size}")
     if args.write_checkpoint:
-        write_checkpoint(args.write_checkpoint, args.quick)
+        write_checkpoint(args.write_checkpoint, args.quick, args.original)
         return 0
     if args.child:
         print(json.dumps(child(args)))
@@ -229,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         ["--low-cpu-memory"] if args.low_cpu_memory else [])
     with tempfile.TemporaryDirectory() as tmp:
         extra = []
-        if args.load == "checkpoint":
-            ckpt = str(Path(tmp) / "ldm.safetensors")
-            _run([sys.executable, __file__, "--write-checkpoint", ckpt, *common], args.threads)
+        if args.load != "init":
+            ckpt = str(Path(tmp) / ("ldm.safetensors" if args.load == "checkpoint" else "sd-v1.safetensors"))
+            _run([sys.executable, __file__, "--write-checkpoint", ckpt, *common]
+                 + (["--original"] if args.load == "original" else []), args.threads)
             extra = ["--checkpoint", ckpt]
         out = _run([sys.executable, __file__, "--child", *common, *extra], args.threads)
     report(json.loads(out.strip().splitlines()[-1]), args, time.perf_counter() - t0)
