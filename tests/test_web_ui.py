@@ -53,7 +53,8 @@ def server(text_run, tmp_path_factory):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     proc = subprocess.Popen([sys.executable, "-m", "ldmkit.cli.main", "serve", "--checkpoint", str(text_run),
-                             "--port", str(port), "--max-steps", "20", "--max-images", "2"],
+                             "--port", str(port), "--max-steps", "20", "--max-images", "2",
+                             "--low-cpu-memory"],  # the first test compares its pictures with a pipeline without it
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

@@ -268,6 +268,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not Path(args.checkpoint).exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
     limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_images=args.max_images)
+    if args.low_cpu_memory:  # this process is the server's own: its allocator may be switched before loading
+        from ..nn.host_memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
     serve(args.checkpoint, host=args.host, port=args.port, limits=limits, device=args.device,
           tokenizer=args.tokenizer, queue_size=args.queue_size)
 
@@ -425,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-size", type=int, default=512, help="largest image side in pixels, in or out")
     w.add_argument("--max-images", type=int, default=4, help="most images per request")
     w.add_argument("--queue-size", type=int, default=16, help="requests that may wait their turn")
+    w.add_argument("--low-cpu-memory", action="store_true",
+                   help="CPU: freed tensors go straight back to the system (glibc malloc), a lower peak at SD size")
     w.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
