@@ -19,6 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+# switches that say what a row measures (not how long it runs): the smoke test keeps them, so each row runs
+KEPT_IN_QUICK = {"--low-cpu-memory"}
+
 # (name, full-run arguments, what it shows); every script also takes --quick
 SUITE: list[tuple[str, list[str], str]] = [
     ("sd_unet_step", ["--channels", "128", "--size", "32", "--train", "--steps", "3", "--warmup", "1", "--rounds", "1"],
@@ -56,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             extra = ["--iters", "1", "--warmup", "0"] if args.quick else []
         else:
-            # a switch that names what a row measures stays on in the smoke test too
-            extra = ["--quick", *(f for f in full if f == "--low-cpu-memory")] if args.quick else full
+            extra = ["--quick", *(f for f in full if f in KEPT_IN_QUICK)] if args.quick else full
         print(f"\n## {name}: {what}\n", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra]).returncode

@@ -146,15 +146,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def write_checkpoint(path: str, quick: bool, original: bool) -> None:
     """Helper process for --load checkpoint / original: the same seeded weights as an ldmkit checkpoint file,
     or as an original SD .safetensors file (the same CompVis keys, without ldmkit's metadata)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    from ldmkit.training.build import ldm_state_dict
     from ldmkit.training.diffusion import save_ldm
 
     pipe = build_pipeline(quick)
-    save_ldm(Path(path), pipe.parts, pipe.cfg, pipe.codec.scale_factor)
-    if original:
-        tensors = load_file(path)
-        save_file(tensors, path, metadata={"format": "pt"})
+    if original:  # the state dict is already in CompVis layout: an original file is it without our metadata
+        save_file({k: v.contiguous() for k, v in ldm_state_dict(pipe.parts).items()}, path, metadata={"format": "pt"})
+    else:
+        save_ldm(Path(path), pipe.parts, pipe.cfg, pipe.codec.scale_factor)
 
 
 def _run(cmd: list[str], threads: int) -> str:

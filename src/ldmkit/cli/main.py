@@ -302,6 +302,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
+LOW_CPU_MEMORY_HELP = "CPU: freed tensors go straight back to the system (glibc malloc), a lower peak at SD size"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ldmkit", description="Latent Diffusion Models: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -332,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "in bounded memory, with a small difference from the whole decode")
     s.add_argument("--cuda-graphs", action="store_true",
                    help="GPU: replay the UNet from CUDA graphs (same images; at small batch about 1.7x faster steps)")
-    s.add_argument("--low-cpu-memory", action="store_true",
-                   help="CPU: freed tensors go straight back to the system (glibc malloc), a lower peak at SD size")
+    s.add_argument("--low-cpu-memory", action="store_true", help=LOW_CPU_MEMORY_HELP)
     s.add_argument("--class", dest="class_", default=None,
                    help="class-conditional models: a label, a comma list (one grid row each) or 'all'")
     s.add_argument("--n", "--n-samples", type=int, default=16,
@@ -429,8 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-size", type=int, default=512, help="largest image side in pixels, in or out")
     w.add_argument("--max-images", type=int, default=4, help="most images per request")
     w.add_argument("--queue-size", type=int, default=16, help="requests that may wait their turn")
-    w.add_argument("--low-cpu-memory", action="store_true",
-                   help="CPU: freed tensors go straight back to the system (glibc malloc), a lower peak at SD size")
+    w.add_argument("--low-cpu-memory", action="store_true", help=LOW_CPU_MEMORY_HELP)
     w.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="what a checkpoint is: variant, parameter counts, EMA, dtypes, keys")
