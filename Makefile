@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ldmkit-installed
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 APT_PKGS   := $(if $(wildcard $(EMOJI_FONT)),,fonts-noto-color-emoji) $(if $(shell command -v chromium),,chromium)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs clean
 
 # torch is named in the same pip command as the package, so that pip takes the pinned CPU wheel
 # instead of resolving a (multi-GB CUDA) build for `torch>=2.4`.
@@ -30,11 +30,19 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/ldmkit demo --out runs/demo
 
+# the layering contracts (pyproject.toml, [tool.importlinter]) are checked before the tests
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
+# the documentation site (mkdocs.yml, docs/); --strict turns a dead link into an error
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -q -d site
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache
