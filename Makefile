@@ -40,9 +40,9 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-# the documentation site (mkdocs.yml, docs/); --strict turns a dead link into an error
+# the documentation site (mkdocs.yml, docs/); --strict turns a dead link into an error (not with -q, which hides them)
 docs: setup
-	$(VENV)/bin/mkdocs build --strict -q -d site
+	$(VENV)/bin/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .mypy_cache

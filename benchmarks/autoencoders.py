@@ -36,8 +36,8 @@ from ldmkit.config import load_first_stage_run  # noqa: E402
 from ldmkit.data.images import save_grid  # noqa: E402
 from ldmkit.data.photos import PhotoCrops  # noqa: E402
 from ldmkit.evaluation.autoencoder_eval import evaluate_autoencoder, in_domain_features, reconstruct  # noqa: E402
+from ldmkit.ldm.build import build_autoencoder  # noqa: E402
 from ldmkit.training.autoencoder import build_first_stage_loss, first_stage_step  # noqa: E402
-from ldmkit.training.build import build_autoencoder  # noqa: E402
 from ldmkit.training.loop import draw_batch, lr_at, seeded_init, set_lr  # noqa: E402
 
 PRESETS = ["kl-f4-photos", "kl-f8-photos", "kl-f16-photos", "vq-f4-photos", "vq-f8-photos"]

@@ -172,8 +172,8 @@ def measure_sampling(models: dict[str, torch.nn.Module], x: torch.Tensor, ctx: t
     from ldmkit.config import load_config
     from ldmkit.diffusion import DiscreteDenoiser, guided_denoiser
     from ldmkit.diffusion.samplers.registry import run_sampler
+    from ldmkit.ldm.build import build_schedule
     from ldmkit.nn.cuda_graph import CUDAGraphRunner
-    from ldmkit.training.build import build_schedule
 
     schedule = build_schedule(load_config("sd-v1"))
     dev, dtype = torch.device("cuda"), torch.float16
@@ -243,7 +243,7 @@ def check_samplers(report: dict[str, Any]) -> None:
     from ldmkit.config import load_config
     from ldmkit.diffusion import DiscreteDenoiser, guided_denoiser
     from ldmkit.diffusion.samplers.registry import SAMPLERS, run_sampler
-    from ldmkit.training.build import build_schedule, build_unet
+    from ldmkit.ldm.build import build_schedule, build_unet
 
     torch.backends.cuda.matmul.allow_tf32 = False  # cuDNN convolutions default to TF32: compare in true fp32
     torch.backends.cudnn.allow_tf32 = False

@@ -56,18 +56,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldmkit.config import LDMConfig, load_config, load_first_stage_run, to_dict
 from ldmkit.data.mnist import mnist_tensor
-from ldmkit.demo import autoencoder_psnr
 from ldmkit.diffusion import diffusion_loss
 from ldmkit.evaluation.classifier import DigitClassifier, load_or_train_judge, predict
 from ldmkit.evaluation.frechet import feature_statistics, frechet_distance
+from ldmkit.jobs.demo import autoencoder_psnr
+from ldmkit.jobs.train import choose_scale_factor
 from ldmkit.latent import LatentCodec
+from ldmkit.ldm.build import LDMParts, build_conditioner, build_schedule, build_unet
+from ldmkit.ldm.conditioned_unet import ConditionedUNet
 from ldmkit.models.identity import IdentityFirstStage, identity_config
 from ldmkit.pipeline import LatentDiffusionPipeline
-from ldmkit.train import choose_scale_factor
 from ldmkit.training.autoencoder import train_autoencoder
-from ldmkit.training.build import LDMParts, build_conditioner, build_schedule, build_unet
 from ldmkit.training.conditions import TokenCondition
-from ldmkit.training.diffusion import Denoiser, draw_latents, encode_moments
+from ldmkit.training.diffusion import draw_latents, encode_moments
 from ldmkit.training.ema import EMA
 from ldmkit.training.loop import draw_batch, lr_at, seeded_init, set_lr
 
@@ -150,14 +151,14 @@ class Judge:
 
 
 def train_on_budget(cfg: LDMConfig, codec: LatentCodec, latents: torch.Tensor, labels: torch.Tensor,
-                    budget: float, measure: Any, log: Any) -> tuple[list[dict[str, Any]], Denoiser]:
+                    budget: float, measure: Any, log: Any) -> tuple[list[dict[str, Any]], ConditionedUNet]:
     """Train stage 2 until `budget` CPU seconds of training steps; measure the EMA model at each FRACTIONS point.
 
     `latents`: posterior moments [N, 2C, h, w] (KL) or the latents themselves [N, C, h, w] (pixels).
     """
     tc = cfg.train_diffusion
     schedule = build_schedule(cfg)
-    net = seeded_init(tc.seed, lambda: Denoiser(build_unet(cfg), build_conditioner(cfg), "crossattn")).train()
+    net = seeded_init(tc.seed, lambda: ConditionedUNet(build_unet(cfg), build_conditioner(cfg), "crossattn")).train()
     ema = EMA(net, tc.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     source = TokenCondition(labels, torch.tensor(cfg.conditioning.n_classes), tc.cond_drop_prob)
@@ -212,7 +213,7 @@ def run_factor(f: int, args: argparse.Namespace, data: dict[str, torch.Tensor], 
     sc = cfg.sampling
     classes = [c for c in range(10) for _ in range(args.per_class)]
 
-    def measure(model: Denoiser) -> tuple[float, float]:
+    def measure(model: ConditionedUNet) -> tuple[float, float]:
         parts = LDMParts(model.unet, ae, model.conditioner, build_schedule(cfg))
         pipe = LatentDiffusionPipeline(cfg, parts, codec.scale_factor)
         samples = pipe.sample(classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=args.seed)

@@ -158,7 +158,7 @@ def build_models(channels: int | None, heads: int, size: int, diffusers: bool) -
         cfg, unet = seeded_sd_unet()
     else:
         from ldmkit.config import load_config
-        from ldmkit.training.build import build_unet
+        from ldmkit.ldm.build import build_unet
 
         cfg = load_config("sd-v1")
         cfg.unet.use_checkpoint = False

@@ -68,9 +68,9 @@ def build_pipeline(quick: bool) -> Any:
     import torch
 
     from ldmkit.config import load_config
+    from ldmkit.ldm.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
     from ldmkit.models.text_clip import CLIPTextConfig, FrozenCLIPEmbedder
     from ldmkit.pipeline import LatentDiffusionPipeline
-    from ldmkit.training.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
 
     if quick:
         cfg = load_config("sd-v1")
@@ -148,8 +148,8 @@ def write_checkpoint(path: str, quick: bool, original: bool) -> None:
     or as an original SD .safetensors file (the same CompVis keys, without ldmkit's metadata)."""
     from safetensors.torch import save_file
 
-    from ldmkit.training.build import ldm_state_dict
-    from ldmkit.training.diffusion import save_ldm
+    from ldmkit.ldm.build import ldm_state_dict
+    from ldmkit.ldm.files import save_ldm
 
     pipe = build_pipeline(quick)
     if original:  # the state dict is already in CompVis layout: an original file is it without our metadata

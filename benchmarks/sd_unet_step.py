@@ -48,7 +48,7 @@ def child(impl: str, weights: str, config: str, out: str, steps: int, warmup: in
     t0 = time.perf_counter()
     if impl == "ldmkit":
         from ldmkit.config import load_config
-        from ldmkit.training.build import build_unet
+        from ldmkit.ldm.build import build_unet
 
         cfg = load_config("sd-v1")
         cfg.unet.use_checkpoint = False
@@ -108,7 +108,7 @@ def seeded_sd_unet(channels: int = 320) -> tuple[Any, Any]:
     import torch
 
     from ldmkit.config import load_config
-    from ldmkit.training.build import build_unet
+    from ldmkit.ldm.build import build_unet
 
     cfg = load_config("sd-v1")
     cfg.unet.use_checkpoint = False

@@ -39,9 +39,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch  # noqa: E402
 
 from ldmkit.config import load_config  # noqa: E402
+from ldmkit.data.datasets import load_task_data
 from ldmkit.data.images import save_grid  # noqa: E402
+from ldmkit.jobs.train import train_ldm  # noqa: E402
 from ldmkit.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldmkit.train import load_task_data, train_ldm  # noqa: E402
 
 # tasks on the same data and autoencoder train stage 1 once: the later one adopts the earlier one's (`first_stage`)
 SHARED_FIRST_STAGE = {"text-minilm": "text-bert", "sr-bsr": "sr", "inpaint": "sr",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,31 +12,70 @@ from PIL import Image, ImageDraw
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# The reference fixtures: data from the reference implementations run with random seeded weights, copied into
+# the repository (tests/fixtures/reference/README.md says from where and how to refresh them).
+REFERENCE_ROOT = Path(__file__).resolve().parent / "fixtures" / "reference"
+REFERENCE_FIXTURES = ("reference_dir", "sgm_reference_dir")
+
+
+def reference_folder(name: str) -> Path:
+    """``tests/fixtures/reference/<name>`` (``compvis`` or ``sgm``); fails the test when it is missing.
+
+    A missing folder is a broken checkout, not an optional extra: the test fails instead of skipping.
+    """
+    path = REFERENCE_ROOT / name
+    if not (path / "parity").is_dir() or not (path / "manifests").is_dir():
+        pytest.fail(f"reference fixtures missing: {path} has no parity/ and manifests/ "
+                    f"(they are part of the repository; see {REFERENCE_ROOT / 'README.md'})", pytrace=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """Directory of the CompVis reference fixtures (README.md, parity/, manifests/).
+    """The CompVis reference fixtures (README.md, parity/, manifests/): ``tests/fixtures/reference/compvis``."""
+    return reference_folder("compvis")
 
-    Looks in ``<repo>/../shared/reference/compvis`` first, then in ``$LDMKIT_REFERENCE_DIR``;
-    tests that need it are skipped when neither exists.
+
+@pytest.fixture(scope="session")
+def sgm_reference_dir() -> Path:
+    """The SDXL and ControlNet reference fixtures (README.md, parity/, manifests/): ``tests/fixtures/reference/sgm``."""
+    return reference_folder("sgm")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for a reference fixture is a reference test, marked or not."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in REFERENCE_FIXTURES):
+            item.add_marker(pytest.mark.reference)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Every reference test must run: a skip of a ``reference``-marked test becomes a failure naming the reason.
+
+    An expected failure (xfail) is left alone; only skips are turned round.
     """
-    candidates = [REPO_ROOT.parent / "shared" / "reference" / "compvis"]
-    env = os.environ.get("LDMKIT_REFERENCE_DIR")
-    if env:
-        candidates.append(Path(env))
-    for path in candidates:
-        if (path / "parity").is_dir():
-            return path
-    pytest.skip(
-        "CompVis reference fixtures not found: looked in "
-        + ", ".join(str(p) for p in candidates)
-        + " (set LDMKIT_REFERENCE_DIR to the folder holding parity/ and manifests/)"
-    )
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("reference") is not None:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"reference test skipped, which is a failure (every reference test must run): {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """A test (with the fixtures it sets up) that seeds torch's global generator keeps that seed to itself: the
+    generator's state is put back after each test, so no test's random draws depend on which tests ran before."""
+    with torch.random.fork_rng(devices=[]):
+        return (yield)
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished seconds-long MNIST run (preset mnist_tiny): both stages, all checkpoints."""
-    from ldmkit.train import train_ldm
+    from ldmkit.jobs.train import train_ldm
 
     run = tmp_path_factory.mktemp("tiny")
     train_ldm("mnist_tiny", run, progress=False, log=lambda s: None)
@@ -79,7 +117,7 @@ def shapes_dataset(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory) -> Path:
     """A tiny text-to-image run (LD's trainable BERT, one layer) on captioned shapes, trained for seconds."""
-    from ldmkit.train import train_ldm
+    from ldmkit.jobs.train import train_ldm
 
     data = tmp_path_factory.mktemp("shapes")
     captions = shapes_dataset(data)

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from ldmkit.models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 ATOL = 1e-5
 FIXTURES = ["vae_kl_noattn", "vae_kl_attn"]
 

@@ -80,7 +80,7 @@ def test_cpu_flash_attention_is_counted(roofline):
 def test_unet_count_on_cpu_equals_math_attention_on_meta(roofline):
     """The CPU count (fused attention kernel) equals the meta-device count, where SDPA decomposes into bmm."""
     from ldmkit.config import load_config
-    from ldmkit.training.build import build_unet
+    from ldmkit.ldm.build import build_unet
 
     cfg = load_config("sd-v1")
     cfg.unet.model_channels, cfg.unet.num_heads = 32, 2
@@ -118,7 +118,7 @@ def test_roofline_quick_table(roofline, capsys):
 
     # the same UNet counted independently on the meta device (math attention: bmm)
     from ldmkit.config import load_config
-    from ldmkit.training.build import build_unet
+    from ldmkit.ldm.build import build_unet
 
     cfg = load_config("sd-v1")
     cfg.unet.model_channels, cfg.unet.num_heads = 64, 1

@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from ldmkit.config import load_config
-from ldmkit.training.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
-from ldmkit.training.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_state,
-    save_checkpoint,
-    save_state,
-)
+from ldmkit.ldm.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
+from ldmkit.ldm.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint, save_state
 from ldmkit.training.ema import EMA
 
 
@@ -69,7 +63,7 @@ def test_training_state_round_trip_bitwise(tmp_path):
 def test_ldm_parts_state_dict_uses_compvis_prefixes():
     cfg = load_config("mnist_tiny")
     parts = LDMParts(build_unet(cfg), build_autoencoder(cfg), build_conditioner(cfg), build_schedule(cfg))
-    from ldmkit.training.build import ldm_state_dict
+    from ldmkit.ldm.build import ldm_state_dict
 
     sd = ldm_state_dict(parts)
     assert "model.diffusion_model.input_blocks.0.0.weight" in sd

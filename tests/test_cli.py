@@ -118,7 +118,7 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
 
 def test_checkpoint_that_does_not_fit_its_config_is_named(tiny_run, tmp_path, capsys):
     # a checkpoint whose weights disagree with its stored config (a hand-edited or mixed-up file)
-    from ldmkit.training.checkpoint import load_checkpoint, save_checkpoint
+    from ldmkit.ldm.checkpoint import load_checkpoint, save_checkpoint
 
     tensors, meta = load_checkpoint(tiny_run / "ldm.safetensors")
     del tensors["model.diffusion_model.out.2.weight"]

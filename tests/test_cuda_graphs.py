@@ -9,21 +9,32 @@ followed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from ldmkit.ldm.conditioned_unet import ConditionedUNet
 from ldmkit.models.unet import UNetConfig, UNetModel
 from ldmkit.nn.cuda_graph import CUDAGraphRunner, _flatten
-from ldmkit.training.diffusion import Denoiser
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """Full fp32 matmuls and convolutions for one test (replay vs eager at 1e-5), the previous flags back after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def _pipeline():
     """The mnist_tiny model with seeded random weights (no data needed, so it also runs on a bare GPU machine)."""
     from ldmkit.config import load_config
+    from ldmkit.ldm.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
     from ldmkit.pipeline import LatentDiffusionPipeline
-    from ldmkit.training.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
 
     cfg = load_config("mnist_tiny")
     torch.manual_seed(0)
@@ -84,7 +95,7 @@ def test_cpu_calls_and_autograd_run_eagerly() -> None:
 
 def test_denoiser_routes_inference_through_the_runner_only() -> None:
     unet = _unet()
-    den = Denoiser(unet, None, "crossattn").eval()
+    den = ConditionedUNet(unet, None, "crossattn").eval()
     calls = []
 
     def runner(*args, **kwargs):  # the real UNet, counted
@@ -111,9 +122,7 @@ def test_pipeline_switch_needs_cuda() -> None:
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_replay_equals_eager_and_captures_once_per_shape(dtype: torch.dtype) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_replay_equals_eager_and_captures_once_per_shape(dtype: torch.dtype, no_tf32: None) -> None:
     unet = _unet().cuda().to(dtype)
     runner = CUDAGraphRunner(unet)
     with torch.inference_mode():
@@ -145,9 +154,7 @@ def test_weights_moved_or_rewritten_are_followed() -> None:
 
 
 @cuda
-def test_pipeline_samples_the_same_with_graphs() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_pipeline_samples_the_same_with_graphs(no_tf32: None) -> None:
     pipe = _pipeline().to("cuda")
     eager = pipe.sample_latents([1, 2, 3], steps=10, guidance=2.0, seed=4)
     pipe.enable_cuda_graphs()

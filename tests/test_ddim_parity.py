@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from ldmkit.diffusion import DiscreteDenoiser, NoiseSchedule, guided_denoiser, sample_ddim
 from ldmkit.models.unet import UNetConfig, UNetModel
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 
 def _unet(reference_dir, name):
     kwargs = json.loads((reference_dir / "parity" / f"{name}.json").read_text())["constructor_kwargs"]

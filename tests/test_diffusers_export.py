@@ -4,6 +4,7 @@ and compared output for output with ldmkit's modules."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,21 @@ from ldmkit.interop.diffusers_export import (
     unet_to_diffusers,
     vae_to_diffusers,
 )
-from ldmkit.training.build import LDMParts, build_autoencoder, build_schedule, build_unet
+from ldmkit.ldm.build import LDMParts, build_autoencoder, build_schedule, build_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_in_this_module() -> Iterator[None]:
+    """Every test here at 1 OpenMP thread (tiny models: two threads only spin on a busy 2-core machine), and the
+    previous count back for the tests that run after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 TINY_VAE = {
     "autoencoder.ch": 32,
@@ -180,8 +190,8 @@ def test_multi_level_unet_and_vae_attention(tmp_path: Path) -> None:
 
 
 def test_export_from_run_dir(tmp_path: Path) -> None:
+    from ldmkit.ldm.files import save_ldm
     from ldmkit.models.conditioners import ClassEmbedder
-    from ldmkit.training.diffusion import save_ldm
 
     cfg = load_config("mnist_tiny")
     c = cfg.conditioning
@@ -255,7 +265,7 @@ def test_full_size_layouts(preset: str) -> None:
     """The real SD architectures convert to exactly diffusers' / transformers' key sets and shapes (the
     converters compare against meta-device models when the libraries are installed); no weights allocated."""
     from ldmkit.interop.diffusers_export import text_encoder_to_diffusers
-    from ldmkit.training.build import build_conditioner
+    from ldmkit.ldm.build import build_conditioner
 
     cfg = load_config(preset)
     with torch.device("meta"):
@@ -279,9 +289,9 @@ def test_full_size_layouts(preset: str) -> None:
 def test_export_original_checkpoint_and_ema(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    from ldmkit.ldm.build import ldm_state_dict
+    from ldmkit.ldm.files import save_ldm
     from ldmkit.models.conditioners import ClassEmbedder
-    from ldmkit.training.build import ldm_state_dict
-    from ldmkit.training.diffusion import save_ldm
 
     cfg = load_config("mnist_tiny")
     c = cfg.conditioning

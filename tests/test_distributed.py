@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from ldmkit.config import load_config
-from ldmkit.train import train_ldm
-from ldmkit.training.checkpoint import CheckpointError, CheckpointKeeper, load_checkpoint, load_state
+from ldmkit.jobs.train import train_ldm
+from ldmkit.ldm.checkpoint import CheckpointError, load_checkpoint, load_state
 from ldmkit.training.distributed import Dist, micro_batches, micro_generator
+from ldmkit.training.keeper import CheckpointKeeper
 
 TINY = {"data.limit": 256, "train_autoencoder.steps": 8, "train_autoencoder.batch_size": 16,
         "train_diffusion.steps": 10, "train_diffusion.batch_size": 16, "train_diffusion.checkpoint_every": 5,
@@ -105,7 +106,7 @@ def test_kill_9_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Pa
 
 KILL_IN_WRITE = """
 import os, signal, sys
-import ldmkit.training.checkpoint as ck
+import ldmkit.ldm.checkpoint as ck
 real, calls = ck.save_file, []
 def dying(tensors, path, metadata=None):
     calls.append(path)

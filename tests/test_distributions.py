@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from ldmkit.models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.distributions import DiagonalGaussianDistribution
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 ATOL = 1e-5
 
 

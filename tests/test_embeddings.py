@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from ldmkit.models.conditioners import ClassEmbedder
 from ldmkit.nn.embeddings import timestep_embedding
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 
 @pytest.fixture(scope="module")
 def misc(reference_dir: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 
 from ldmkit.cli.main import main
 from ldmkit.config import load_config
-from ldmkit.train import train_ldm
+from ldmkit.jobs.train import train_ldm
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from ldmkit.models.first_stage_loss import (
 )
 from ldmkit.models.perceptual import LPIPS, LPIPSWeightsError, vgg16_conv_indices
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 
 def _manifest(reference_dir, name):
     return json.loads((reference_dir / "manifests" / f"{name}.json").read_text())

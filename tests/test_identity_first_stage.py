@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from ldmkit.config import load_config, to_dict
+from ldmkit.jobs.train import train_ldm
 from ldmkit.latent import LatentCodec
+from ldmkit.ldm.build import FIRST_STAGE_PREFIX, build_autoencoder
+from ldmkit.ldm.checkpoint import load_checkpoint
+from ldmkit.ldm.files import LDM_FILE
 from ldmkit.models.autoencoder_kl import AutoencoderConfig
 from ldmkit.models.distributions import DiagonalGaussianDistribution
 from ldmkit.models.identity import IdentityFirstStage, identity_config
 from ldmkit.pipeline import LatentDiffusionPipeline
-from ldmkit.train import train_ldm
 from ldmkit.training.autoencoder import train_autoencoder
-from ldmkit.training.build import FIRST_STAGE_PREFIX, build_autoencoder
-from ldmkit.training.checkpoint import load_checkpoint
-from ldmkit.training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments
+from ldmkit.training.diffusion import draw_latents, encode_moments
 
 
 def _images(n: int = 4, c: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -96,7 +97,7 @@ def test_pixel_space_class_model_trains_and_samples(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = pixel_config()
     train_ldm(cfg, tmp_path, progress=False, log=lambda s: None)
-    tensors, meta = load_checkpoint(tmp_path / WEIGHTS_FILE)
+    tensors, meta = load_checkpoint(tmp_path / LDM_FILE)
     assert meta["scale_factor"] == 1.0
     assert meta["config"]["autoencoder"]["kind"] == "identity"
     assert [k for k in tensors if k.startswith(FIRST_STAGE_PREFIX)] == [FIRST_STAGE_PREFIX + "device_anchor"]

@@ -18,14 +18,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from conftest import reference_folder
 from ldmkit.config import load_config, load_first_stage_config
 from ldmkit.interop.ckpt_reader import CheckpointReadError, UnsafeCheckpointError, read_checkpoint
 from ldmkit.interop.compvis import CheckpointMismatchError
 from ldmkit.interop.compvis_config import ConfigTranslationError, ldm_config_from_compvis, read_compvis_yaml
 from ldmkit.interop.loader import load_first_stage_checkpoint, load_ldm_checkpoint
-from ldmkit.models.autoencoder_kl import AutoencoderKL
-from ldmkit.models.vq import VQModel
-from ldmkit.training.build import (
+from ldmkit.ldm.build import (
     LDMParts,
     build_autoencoder,
     build_conditioner,
@@ -34,10 +33,10 @@ from ldmkit.training.build import (
     ema_name,
     ldm_state_dict,
 )
+from ldmkit.models.autoencoder_kl import AutoencoderKL
+from ldmkit.models.vq import VQModel
 
-MANIFESTS = Path(os.environ.get("LDMKIT_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"
-                                / "compvis")) / "manifests"
-pytestmark = pytest.mark.skipif(not MANIFESTS.is_dir(), reason=f"reference manifests not found at {MANIFESTS}")
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference/compvis/manifests
 
 # manifest -> the preset that must reproduce it, and what auto-detection must say
 LDM_MANIFESTS = {
@@ -53,7 +52,7 @@ FIRST_STAGE_MANIFESTS = {"first_stage_kl_f8": "kl-f8", "first_stage_vq_f4": "vq-
 
 
 def manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
+    return json.loads((reference_folder("compvis") / "manifests" / f"{name}.json").read_text())
 
 
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

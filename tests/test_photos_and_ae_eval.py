@@ -161,7 +161,7 @@ def test_channel_shuffle_reorders_the_same_crops() -> None:
 
 def test_photo_data_config_adds_grey_photos_and_shuffle_to_training_only() -> None:
     from ldmkit.config import load_config
-    from ldmkit.train import load_dataset
+    from ldmkit.data.datasets import load_dataset
 
     cfg = load_config("photos_sr", {"data.limit": 300, "data.include_gray": True, "data.channel_shuffle": True})
     train, idx = load_dataset(cfg, "train")

@@ -11,8 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ldmkit.config import ConditioningConfig, load_config
-from ldmkit.pipeline import LatentDiffusionPipeline
-from ldmkit.training.build import (
+from ldmkit.ldm.build import (
     LDMParts,
     build_autoencoder,
     build_conditioner,
@@ -20,6 +19,7 @@ from ldmkit.training.build import (
     build_unet,
     ldm_state_dict,
 )
+from ldmkit.pipeline import LatentDiffusionPipeline
 
 
 def test_lightning_ckpt_of_a_run_samples_the_same_images(tiny_run: Path, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from ldmkit.diffusion.samplers.ddpm import ddpm_coefficients, sample_ddpm
 from ldmkit.diffusion.samplers.plms import sample_plms
 from test_ddim_parity import _unet
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 SCHEDULE = NoiseSchedule.make("linear", 1000, 0.00085, 0.012)
 
 

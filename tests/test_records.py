@@ -24,7 +24,7 @@ from ldmkit.data.records import (
     read_folder,
     read_shards,
 )
-from ldmkit.train import train_ldm
+from ldmkit.jobs.train import train_ldm
 
 
 def _png(img: Image.Image) -> bytes:
@@ -192,7 +192,7 @@ def test_a_shard_stream_splits_ranks_crosses_epochs_and_resumes_at_the_next_samp
 def test_streamed_training_resumes_bitwise_and_reports(tmp_path: Path, monkeypatch) -> None:
     """data.stream: both stages read the shards as they go; a run stopped in each stage and rerun ends
     bitwise equal to an uninterrupted one (the stream position is in the checkpoint)."""
-    from ldmkit.training.checkpoint import load_state
+    from ldmkit.ldm.checkpoint import load_state
     from ldmkit.training.loop import Progress
 
     write_clean_shards(tmp_path / "shards")

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from ldmkit.diffusion import NoiseSchedule, ddim_timesteps, make_beta_schedule
 from ldmkit.diffusion.samplers.ddim import ddim_coefficients
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 PREFIXES = {
     "sd": (0.00085, 0.012),
     "ldm_0.0015_0.0155": (0.0015, 0.0155),

@@ -11,12 +11,13 @@ import torch
 
 from ldmkit.cli.main import main
 from ldmkit.config import FirstStageConfig, load_config, load_first_stage_run
+from ldmkit.data.datasets import load_dataset
 from ldmkit.evaluation.autoencoder_eval import evaluate_autoencoder
+from ldmkit.jobs.train import train_ldm
+from ldmkit.ldm.build import build_autoencoder
+from ldmkit.ldm.checkpoint import load_state
 from ldmkit.models.vq import VQModel
-from ldmkit.train import load_dataset, train_ldm
 from ldmkit.training.autoencoder import STATE_FILE, train_autoencoder
-from ldmkit.training.build import build_autoencoder
-from ldmkit.training.checkpoint import load_state
 from ldmkit.training.loop import seeded_init
 
 pytest.importorskip("skimage", reason="the photo crops need scikit-image")

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from ldmkit.config import load_config
+from ldmkit.data.datasets import load_task_data
 from ldmkit.evaluation.condition_use import condition_gap
+from ldmkit.jobs.train import train_ldm
 from ldmkit.pipeline import LatentDiffusionPipeline
-from ldmkit.train import load_task_data, train_ldm
 
 TINY = {
     "train_autoencoder.steps": 40, "train_autoencoder.batch_size": 32, "train_autoencoder.warmup_steps": 10,

@@ -154,6 +154,7 @@ def test_wordpiece_on_a_toy_vocab(tmp_path: Path) -> None:
 # Network
 
 
+@pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
 @pytest.mark.parametrize(
     ("manifest", "kwargs"),
     [

@@ -188,6 +188,7 @@ def _cond_stage_keys(reference_dir, name: str) -> tuple[dict[str, list[int]], di
     return keys, dtypes
 
 
+@pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
 @pytest.mark.parametrize(
     "name, build, n_keys",
     [("sd_v1", FrozenCLIPEmbedder, 197), ("sd_v2_v", lambda: FrozenOpenCLIPEmbedder(layer="penultimate"), 294)],

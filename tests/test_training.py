@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ldmkit.config import load_config
+from ldmkit.jobs.train import train_ldm
+from ldmkit.ldm.checkpoint import load_state
 from ldmkit.pipeline import LatentDiffusionPipeline
-from ldmkit.train import train_ldm
-from ldmkit.training.checkpoint import load_state
 from ldmkit.training.loop import Progress
 
 

@@ -11,8 +11,8 @@ import torch
 
 from ldmkit.config import load_config
 from ldmkit.diffusion import diffusion_loss
-from ldmkit.train import train_ldm
-from ldmkit.training.build import build_schedule, build_unet
+from ldmkit.jobs.train import train_ldm
+from ldmkit.ldm.build import build_schedule, build_unet
 from ldmkit.training.loop import seeded_init
 
 SMALL = {"data.limit": 128, "train_autoencoder.steps": 4, "train_autoencoder.batch_size": 8,
@@ -38,7 +38,7 @@ def test_logs_scalars_grids_and_tensorboard_events(tmp_path: Path) -> None:
 def test_mixed_precision_trains_to_finite_weights(tmp_path: Path, precision: str) -> None:
     """autocast on the CPU (where bf16 and fp16 are slow, so only a few steps): the loss is finite, the
     weights stay float32, and fp16 carries a gradient scaler in the training state."""
-    from ldmkit.training.checkpoint import load_state
+    from ldmkit.ldm.checkpoint import load_state
 
     over = dict(SMALL, **{"train_diffusion.precision": precision, "train_diffusion.steps": 3})
     run = train_ldm(load_config("mnist_tiny", over), tmp_path, progress=False, log=lambda s: None)

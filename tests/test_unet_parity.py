@@ -16,7 +16,8 @@ UNET_FIXTURES = ["unet_sd1_conv", "unet_sd2_linear", "unet_sd2_linear_heads2", "
 HOOKED = ["time_embed", *(f"input_blocks.{i}" for i in range(4)), "middle_block"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+# conftest.one_thread; reference: reads tests/fixtures/reference (conftest.reference_dir)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.reference]
 
 
 def _sidecar(reference_dir: Path, name: str) -> dict:

@@ -14,6 +14,8 @@ from ldmkit.data.mnist import load_mnist, to_model_range
 from ldmkit.models.autoencoder_kl import AutoencoderConfig
 from ldmkit.models.vq import VectorQuantizer, VQModel
 
+pytestmark = pytest.mark.reference  # reads tests/fixtures/reference (conftest.reference_dir)
+
 
 def _tiny_config(**overrides) -> AutoencoderConfig:
     cfg = dict(

@@ -2,7 +2,7 @@
 
 A run is described by one `LDMConfig`: the first stage, the denoiser network, the schedule, the
 conditioning, the data and both training stages. Presets live in `ldmkit/configs/*.yaml`; objects are
-then built by plain Python (`training/build.py`), never from import strings.
+then built by plain Python (`ldm/build.py`), never from import strings.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a type hint is a class, never an instance
         return from_dict(tp, value, path)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -80,12 +80,14 @@ class LatentCodec(nn.Module):
 
     def posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
         """q(z | x) over unscaled latents (tile by tile when tiling is on and the image is larger than a tile)."""
+        ae = self.autoencoder
+        assert not isinstance(ae, VQModel), "a VQ first stage has no posterior: its callers use encode"
         if not self._tiles(x.shape[-2:], self.downsample_factor):
-            return self.autoencoder.encode(x)
+            return ae.encode(x)
         deterministic: list[bool] = []
 
         def moments(xt: Tensor) -> Tensor:
-            post = self.autoencoder.encode(xt)
+            post = ae.encode(xt)
             deterministic.append(post.deterministic)
             return post.parameters  # (B, 2C, h, w): [mean | logvar]
 
@@ -99,6 +101,7 @@ class LatentCodec(nn.Module):
         f = self.downsample_factor
         if not self._tiles(x.shape[-2:], f):
             return fn(x)
+        assert self.tile_size is not None  # _tiles is False without tiling
         return tiled_apply(fn, x, self.tile_size * f, self.tile_overlap * f, 1 / f)  # (B, C, H/f, W/f)
 
     def scale(self, z: Tensor) -> Tensor:
@@ -125,4 +128,5 @@ class LatentCodec(nn.Module):
         # a VQ decoder snaps each latent position to its nearest code, so tiles see the same codes as the whole
         if not self._tiles(z.shape[-2:], 1):
             return self.autoencoder.decode(z)
+        assert self.tile_size is not None  # _tiles is False without tiling
         return tiled_apply(self.autoencoder.decode, z, self.tile_size, self.tile_overlap, self.downsample_factor)

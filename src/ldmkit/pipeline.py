@@ -28,10 +28,7 @@ from .diffusion import DiscreteDenoiser, guided_denoiser
 from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
-from .pipeline_io import Generation, ImageLike, image_tensor, index_map, load_tokenizer, mask_tensor, to_pil
-from .pipeline_switches import SpeedSwitches
-from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
-from .training.build import (
+from .ldm.build import (
     COND_STAGE_PREFIX,
     FIRST_STAGE_PREFIX,
     UNET_PREFIX,
@@ -43,8 +40,12 @@ from .training.build import (
     load_strict,
     split_prefix,
 )
-from .training.checkpoint import CheckpointError, load_checkpoint
-from .training.diffusion import WEIGHTS_FILE, Denoiser
+from .ldm.checkpoint import CheckpointError, load_checkpoint
+from .ldm.conditioned_unet import ConditionedUNet
+from .ldm.files import LDM_FILE
+from .pipeline_io import Generation, ImageLike, image_tensor, index_map, load_tokenizer, mask_tensor, to_pil
+from .pipeline_switches import SpeedSwitches
+from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
 
 SAMPLE_OPTIONS = ("steps", "guidance", "eta", "sampler", "guidance_rescale", "resolution", "callback")
 
@@ -77,7 +78,7 @@ class LatentDiffusionPipeline(SpeedSwitches):
         self.tokenizer_path = tokenizer
         self._tokenizer: Any = None
         self.codec = LatentCodec(parts.autoencoder, scale_factor).eval()
-        self.net = Denoiser(parts.unet, parts.conditioner, cfg.conditioning.resolved_key()).eval()
+        self.net = ConditionedUNet(parts.unet, parts.conditioner, cfg.conditioning.resolved_key()).eval()
         self.denoiser = DiscreteDenoiser(self.net, parts.schedule, cfg.parameterization)
         self.name = "ldmkit"  # written into each image's parameters: the checkpoint's file or run name
         self.device = torch.device("cpu")
@@ -96,9 +97,9 @@ class LatentDiffusionPipeline(SpeedSwitches):
         if not path.exists():
             raise CheckpointError(f"checkpoint not found: {path}")
         if path.is_dir():
-            if not (path / WEIGHTS_FILE).exists():
-                raise CheckpointError(f"{path} holds no {WEIGHTS_FILE}: is it a finished ldmkit training run?")
-            path = path / WEIGHTS_FILE
+            if not (path / LDM_FILE).exists():
+                raise CheckpointError(f"{path} holds no {LDM_FILE}: is it a finished ldmkit training run?")
+            path = path / LDM_FILE
         tensors, meta = load_checkpoint(path)
         if meta.get("kind") != "ldm" or "config" not in meta:
             raise CheckpointError(f"{path} is not an ldmkit latent diffusion checkpoint (kind {meta.get('kind')!r})")

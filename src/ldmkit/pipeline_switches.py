@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import torch
 
 from .latent import LatentCodec
-from .training.build import LDMParts
-from .training.diffusion import Denoiser
+from .ldm.build import LDMParts
+from .ldm.conditioned_unet import ConditionedUNet
 
 S = TypeVar("S", bound="SpeedSwitches")
 
@@ -23,7 +23,7 @@ class SpeedSwitches:
 
     parts: LDMParts
     codec: LatentCodec
-    net: Denoiser
+    net: ConditionedUNet
 
     def enable_vae_tiling(self: S, tile_size: int | None = None, overlap: int | None = None) -> S:
         """Decode (and encode) large images in overlapping tiles of `tile_size` latent pixels (default: 512 px

@@ -21,7 +21,7 @@ from torch import Tensor
 from .config import LDMConfig
 from .diffusion.noise import Generators
 from .latent import LatentCodec
-from .training.conditions import inpaint_concat, lowres_concat
+from .ldm.concat import inpaint_concat, lowres_concat
 
 Layout = Sequence[tuple[int, float, float, float, float]]
 
@@ -208,7 +208,7 @@ def build_request(cfg: LDMConfig, codec: LatentCodec, inputs: SampleInputs, *,
         cond["context"] = encode_prompts(list(inputs.prompts))
         uncond["context"] = encode_prompts([inputs.negative_prompt] * count)
     elif layout_model:
-        from .training.build import layout_tokenizer
+        from .ldm.build import layout_tokenizer
 
         refuse("prompts", "it is a layout-to-image model")
         if inputs.layouts is None:

@@ -49,10 +49,7 @@ def sample(preset: str, run: Path, overrides: dict) -> dict[str, torch.Tensor]:
     from ldmkit.data.masks import box_mask
     from ldmkit.pipeline import LatentDiffusionPipeline
 
-    try:
-        from ldmkit.data import load_task_data  # after the structure change
-    except ImportError:
-        from ldmkit.train import load_task_data
+    from ldmkit.data.datasets import load_task_data
     pipe = LatentDiffusionPipeline.from_checkpoint(run)
     data = load_task_data(load_config(preset, overrides), "test")
     x = data.images[:2]
@@ -80,7 +77,7 @@ def sample(preset: str, run: Path, overrides: dict) -> dict[str, torch.Tensor]:
 
 
 def record(path: Path) -> None:
-    from ldmkit.train import train_ldm
+    from ldmkit.jobs.train import train_ldm
 
     tensors: dict[str, torch.Tensor] = {}
     for preset, extra in PRESETS.items():
@@ -89,15 +86,15 @@ def record(path: Path) -> None:
             run = Path(tmp) / preset
             logged: list[float] = []
 
-            def log(*args: object) -> None:  # the numbers of every logged line (losses, PSNR, scale factor)
+            def log(*args: object, logged: list[float] = logged) -> None:  # every logged number (losses, PSNR)
                 for a in args:
                     logged.extend(float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", str(a)))
 
             train_ldm(preset, run, overrides=overrides, progress=False, log=log)
             for f in sorted(run.rglob("*.json*")):  # metrics and logs written beside the weights
-                text = re.sub(r'"(time|wall|seconds|elapsed)[^"]*": *[0-9.e-]+', "", f.read_text())
+                text = re.sub(r'"(time|wall|seconds|elapsed|images_per_s)[^"]*": *[0-9.e-]+', "", f.read_text())
                 tensors[f"{preset}/{f.relative_to(run)}"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
-            for f in sorted(run.rglob("*.safetensors")):
+            for f in sorted(run.glob("*.safetensors")):  # checkpoints/ holds copies of these
                 for k, v in load_file(str(f)).items():
                     tensors[f"{preset}/{f.relative_to(run)}/{k}"] = v
             for k, v in sample(preset, run, overrides).items():

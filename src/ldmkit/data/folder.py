@@ -67,6 +67,7 @@ def load_image(path: str | Path, resolution: int, channels: int = 3) -> Tensor:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     path = Path(path)
+    img: Image.Image  # opened as an ImageFile, then replaced by the transposed / converted copies
     try:
         with Image.open(path) as img:
             img.load()  # decode now: Image.open is lazy and would defer truncation errors

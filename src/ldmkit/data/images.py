@@ -38,6 +38,6 @@ def save_grid(images: Tensor, path: str | Path, nrow: int, scale: int = 1) -> Pa
     arr = to_uint8(make_grid(images.float().cpu(), nrow)[None])[0]
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
     return path

@@ -90,6 +90,7 @@ def decode_image(source: bytes | str | Path, resolution: int, channels: int = 3,
     data), "tiny" (short side below `min_size` pixels: icons and tracking pixels, not training images).
     """
     name = name or str(source if not isinstance(source, bytes) else "<bytes>")
+    img: Image.Image  # opened as an ImageFile, then replaced by converted copies
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()  # decode now: Image.open is lazy and would defer truncation errors
@@ -269,6 +270,7 @@ def read_folder(root: str | Path, resolution: int, channels: int, *, limit: int 
     from .folder import ImageFolder
 
     ds = ImageFolder(root, resolution, channels=channels)
+    images: list[Tensor]
     report, images, labels = SkipReport(), [], []
     for path, label in zip(ds.files, ds.labels, strict=True):
         if limit is not None and len(images) >= limit:
@@ -284,6 +286,7 @@ def read_folder(root: str | Path, resolution: int, channels: int, *, limit: int 
 def read_captioned(path: str | Path, resolution: int, channels: int, *, limit: int | None = None,
                    min_size: int = 8) -> OwnData:
     """The images of a caption file with their captions; missing and bad images skipped and counted."""
+    images: list[Tensor]
     report, images, captions = SkipReport(), [], []
     for file, caption in read_caption_file(path):
         if limit is not None and len(images) >= limit:
@@ -306,6 +309,7 @@ def read_shards(pattern: str, resolution: int, channels: int, *, limit: int | No
     shards = expand_shards(pattern)
     if not shards:
         raise FileNotFoundError(f"no shards match {pattern!r}")
+    images: list[Tensor]
     report, images, captions, labels = SkipReport(), [], [], []
     for key, parts in iter_shard_samples(shards, report):
         if limit is not None and len(images) >= limit:

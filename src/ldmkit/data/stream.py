@@ -65,6 +65,7 @@ class ShardStream:
     def take(self, n: int) -> tuple[Tensor, Tensor, list[str]]:
         """The next n usable samples: images [n, C, R, R] in [-1, 1], class labels [n] (0 without .cls), captions
         ("" without one). Bad samples are skipped and counted in `report`."""
+        images: list[Tensor]
         images, labels, captions = [], [], []
         misses = 0
         while len(images) < n:

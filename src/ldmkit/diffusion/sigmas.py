@@ -183,7 +183,7 @@ class SigmaDenoiser:
         return x - sigma.reshape(shape) * eps
 
 
-def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+def to_d(x: Tensor, sigma: Tensor | float, denoised: Tensor) -> Tensor:
     """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4)."""
     return (x - denoised) / sigma
 

@@ -152,7 +152,7 @@ def evaluate_autoencoder(
         latent_shape: tuple[int, ...] = ()
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device, torch.float32)
-            if is_vq:
+            if isinstance(autoencoder, VQModel):  # is_vq, spelled so that mypy narrows the type
                 z = autoencoder.encode(x)  # pre-quantisation latent [B, D, h, w]
                 z_q, _, info = autoencoder.quantize_latent(z)
                 rec = autoencoder.decode(z_q, force_not_quantize=True)
@@ -183,7 +183,7 @@ def evaluate_autoencoder(
         **metrics,
         "latent_std": math.sqrt(max(0.0, z_sq / z_count - z_mean * z_mean)),
     }
-    if is_vq:
+    if isinstance(autoencoder, VQModel):  # is_vq
         k = autoencoder.quantize.n_e
         counts = torch.bincount(torch.cat(codes), minlength=k).to(torch.float64)  # [K]
         p = counts / counts.sum()

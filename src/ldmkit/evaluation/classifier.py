@@ -221,8 +221,8 @@ def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, batch_
 def load_or_train_judge(path: str | Path, images: Tensor, labels: Tensor, steps: int = 800,
                         progress: bool = True) -> DigitClassifier:
     """The judge CNN saved at `path`, or trained (seed 0) on `images`/`labels` and saved there."""
-    from ..training.build import load_strict
-    from ..training.checkpoint import load_checkpoint, save_checkpoint
+    from ..ldm.build import load_strict
+    from ..ldm.checkpoint import load_checkpoint, save_checkpoint
 
     path = Path(path)
     if path.exists():

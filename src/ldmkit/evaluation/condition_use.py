@@ -13,9 +13,11 @@ import dataclasses
 
 import torch
 
+from ..data.datasets import TaskData
 from ..diffusion.parameterization import training_target
 from ..diffusion.schedules import _gather
-from ..training.conditions import TaskData, build_condition_source, clean_latents
+from ..ldm.concat import clean_latents
+from ..training.conditions import build_condition_source
 
 
 def _subset(data: TaskData, n: int) -> TaskData:

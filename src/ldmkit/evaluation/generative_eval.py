@@ -71,9 +71,9 @@ def feature_net(name: str, cache_dir: str | Path, inception_weights: str | Path 
     if name == "photos":
         from .photo_features import load_or_train_photo_features
 
-        net = load_or_train_photo_features(cache_dir, progress=progress)
+        photo_net = load_or_train_photo_features(cache_dir, progress=progress)
         return FeatureNet("photos", "_photos", "photo feature net trained on the bundled photos",
-                          lambda x: (net.features(x), None), _fingerprint(net))
+                          lambda x: (photo_net.features(x), None), _fingerprint(photo_net))
     if name == "emoji":
         from ..data.emoji import emoji_dataset
         from .retrieval import load_or_train_retrieval

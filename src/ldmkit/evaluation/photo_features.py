@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.photos import PhotoCrops, PhotoSource, photo_sources
-from ..training.build import load_strict
-from ..training.checkpoint import load_checkpoint, save_checkpoint
+from ..ldm.build import load_strict
+from ..ldm.checkpoint import load_checkpoint, save_checkpoint
 from ..training.loop import lr_at, seeded_init
 
 __all__ = [

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..ldm.build import load_strict
+from ..ldm.checkpoint import load_checkpoint, save_checkpoint
 from ..models.text_minilm import FrozenMiniLMEmbedder
-from ..training.build import load_strict
-from ..training.checkpoint import load_checkpoint, save_checkpoint
 from ..training.loop import lr_at, seeded_init
 
 __all__ = [

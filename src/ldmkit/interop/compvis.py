@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..training.build import COND_STAGE_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, ema_name, load_strict
-from ..training.checkpoint import KeyReport, compare_state
+from ..ldm.build import COND_STAGE_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, ema_name, load_strict
+from ..ldm.checkpoint import KeyReport, compare_state
 
 EMA_SCALARS = ("decay", "num_updates")
 SCHEDULE_BUFFERS = (

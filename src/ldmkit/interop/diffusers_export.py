@@ -74,7 +74,7 @@ def scheduler_config(cfg: LDMConfig) -> dict[str, Any]:
     is diffusers' "linear"; other schedules are written out as ``trained_betas``. ``steps_offset`` 1 with
     "leading" spacing gives the timesteps of LDM's DDIM sampler ("uniform": 1, 21, ..., 981 for 50 steps).
     """
-    from ..training.build import build_schedule
+    from ..ldm.build import build_schedule
 
     s = cfg.schedule
     if cfg.parameterization not in PREDICTION_TYPES:
@@ -259,7 +259,7 @@ def _is_ldmkit_file(path: Path) -> bool:
         return False
     from safetensors import safe_open
 
-    from ..training.checkpoint import META_KEY
+    from ..ldm.checkpoint import META_KEY
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -278,14 +278,14 @@ def _load_source(
     source: Path, use_ema: bool, config: Any, prediction: str | None
 ) -> tuple[LDMConfig, Any, float | None]:
     """(config, LDMParts, scale factor) of an ldmkit run dir / ldm.safetensors or an original checkpoint."""
-    from ..training.diffusion import WEIGHTS_FILE
+    from ..ldm.files import LDM_FILE
 
     if not source.exists():
         raise FileNotFoundError(f"no such model: {source}")
     if source.is_dir():
-        if not (source / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{source} holds no {WEIGHTS_FILE}: is it a finished ldmkit training run?")
-        source = source / WEIGHTS_FILE
+        if not (source / LDM_FILE).is_file():
+            raise ValueError(f"{source} holds no {LDM_FILE}: is it a finished ldmkit training run?")
+        source = source / LDM_FILE
     if _is_ldmkit_file(source):
         if config is not None:
             raise ValueError("config applies to original checkpoints only; an ldmkit checkpoint carries its own")
@@ -293,8 +293,8 @@ def _load_source(
 
         pipe = LatentDiffusionPipeline.from_pretrained(source)
         if use_ema:
-            from ..training.build import load_strict
-            from ..training.checkpoint import load_checkpoint
+            from ..ldm.build import load_strict
+            from ..ldm.checkpoint import load_checkpoint
             from .compvis import ema_unet_state, split_checkpoint
 
             split = split_checkpoint(load_checkpoint(source)[0])

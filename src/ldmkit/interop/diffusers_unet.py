@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ldm.checkpoint import compare_state
 from ..models.unet import UNetConfig
-from ..training.checkpoint import compare_state
 
 __all__ = ["unet_to_diffusers"]
 

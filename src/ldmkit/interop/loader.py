@@ -20,9 +20,9 @@ import yaml
 from torch import Tensor
 
 from ..config import LDMConfig, load_config, load_first_stage_config
+from ..ldm.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
 from ..models.vq import VQModel
-from ..training.build import LDMParts, build_autoencoder, build_conditioner, build_schedule, build_unet
 from .ckpt_reader import RawCheckpoint, read_checkpoint
 from .compvis import (
     OPTIONAL_ROOT_KEYS,

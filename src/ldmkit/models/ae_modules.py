@@ -10,6 +10,7 @@ and nearest-neighbour + conv upsampling. Parameter names match the CompVis ``mod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,30 @@ def _check_attn_options(attn_type: str, extra_kwargs: dict[str, object]) -> None
         raise ValueError("use_linear_attn=True (linear attention) is not supported")
 
 
+class _Mid(Protocol):
+    """The attributes set on the plain ``nn.Module`` stored as ``mid`` (plain, as in CompVis, for its keys)."""
+
+    block_1: ResnetBlock
+    attn_1: nn.Module
+    block_2: ResnetBlock
+
+
+class _Level(Protocol):
+    """The attributes set on a plain ``nn.Module`` of ``down`` / ``up``: ResnetBlocks and their AttnBlocks
+    (empty where the level has no attention)."""
+
+    block: nn.ModuleList
+    attn: nn.ModuleList
+
+
+class _DownLevel(_Level, Protocol):
+    downsample: Downsample  # absent on the last level, which forward never downsamples
+
+
+class _UpLevel(_Level, Protocol):
+    upsample: Upsample  # absent on level 0, which forward never upsamples
+
+
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) -> latent statistics (B, 2*z_channels or z_channels, H/f, W/f).
 
@@ -263,17 +288,19 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         temb = None
         h = self.conv_in(x)  # (B, ch, H, W)
+        # The levels and mid are plain nn.Modules with attributes set in __init__, which mypy cannot see.
+        mid = cast(_Mid, self.mid)
         for i_level in range(self.num_resolutions):
-            level = self.down[i_level]
+            level = cast(_DownLevel, self.down[i_level])
             for i_block in range(self.num_res_blocks):
                 h = level.block[i_block](h, temb)  # (B, ch*ch_mult[i], H_i, W_i)
                 if len(level.attn) > 0:
                     h = level.attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)  # (B, C, H_i/2, W_i/2)
-        h = self.mid.block_1(h, temb)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb)
+        h = mid.block_1(h, temb)
+        h = mid.attn_1(h)
+        h = mid.block_2(h, temb)
         return _norm_out_conv(self.norm_out, self.conv_out, h)  # (B, 2*z_channels or z_channels, H/f, W/f)
 
 
@@ -361,11 +388,13 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         temb = None
         h = self.conv_in(z)  # (B, ch*ch_mult[-1], h, w)
-        h = self.mid.block_1(h, temb)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb)
+        # The levels and mid are plain nn.Modules with attributes set in __init__, which mypy cannot see.
+        mid = cast(_Mid, self.mid)
+        h = mid.block_1(h, temb)
+        h = mid.attn_1(h)
+        h = mid.block_2(h, temb)
         for i_level in reversed(range(self.num_resolutions)):
-            level = self.up[i_level]
+            level = cast(_UpLevel, self.up[i_level])
             for i_block in range(self.num_res_blocks + 1):
                 h = level.block[i_block](h, temb)  # (B, ch*ch_mult[i], H_i, W_i)
                 if len(level.attn) > 0:

@@ -31,6 +31,7 @@ class ActNorm(nn.Module):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.initialized: Tensor
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
 
     @torch.no_grad()

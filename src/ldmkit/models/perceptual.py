@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,9 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 # torchvision VGG16 ("cfg D") `features`: conv widths with "M" for 2x2 max-pooling. Every conv is followed
 # by a ReLU, so conv k of the list sits at an even index and its ReLU right after it.
-_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+_VGG16_CFG: tuple[int | Literal["M"], ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"
+)
 # features[a:b] for the five slices; each ends right after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _SLICE_BOUNDS = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # channels of the five tapped activations
@@ -90,6 +93,8 @@ class ScalingLayer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.shift: Tensor
+        self.scale: Tensor
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT)[None, :, None, None])
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE)[None, :, None, None])
 
@@ -225,7 +230,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def _expected_shapes_vgg16() -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
-    shapes = {}
+    shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     layers = _vgg16_features()
     for i in vgg16_conv_indices():
         conv = layers[i]
@@ -252,8 +257,8 @@ def _map_vgg16(sd: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     _check_shapes(sd, want, source)
     out = {}
     for key in want:
-        _, i, name = key.split(".")
-        out[f"net.slice{_slice_of(int(i))}.{i}.{name}"] = sd[key].detach().to(torch.float32).contiguous()
+        _, index, name = key.split(".")
+        out[f"net.slice{_slice_of(int(index))}.{index}.{name}"] = sd[key].detach().to(torch.float32).contiguous()
     return out
 
 

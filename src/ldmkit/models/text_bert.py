@@ -24,7 +24,7 @@ projection. The feed-forward is Linear(dim, 4 dim) -> GELU (exact, erf) -> Linea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,10 @@ class Encoder(nn.Module):
             self.layers.append(nn.ModuleList([nn.LayerNorm(dim), block, Residual()]))
 
     def forward(self, x: Tensor) -> Tensor:
-        for norm, block, residual in self.layers:
+        for layer in self.layers:
+            # Every entry is the [norm, block, residual] ModuleList built in __init__; ModuleList types its
+            # items only as Module, so the cast says which.
+            norm, block, residual = cast(nn.ModuleList, layer)
             x = residual(block(norm(x)), x)
         return x
 

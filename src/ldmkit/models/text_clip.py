@@ -103,6 +103,7 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
         # transformers 4.19 saved this constant as a persistent int64 buffer, so SD 1.x checkpoints carry it.
+        self.position_ids: Tensor
         self.register_buffer("position_ids", torch.arange(config.max_positions).expand(1, -1), persistent=True)
 
     def _load_from_state_dict(
@@ -390,6 +391,7 @@ class OpenCLIPTextModel(nn.Module):
         self.ln_final = nn.LayerNorm(config.width, eps=config.eps)
         # Additive causal mask: -inf above the diagonal. Not a checkpoint key (persistent=False, as open_clip).
         mask = torch.full((config.context_length, config.context_length), float("-inf")).triu_(1)
+        self.attn_mask: Tensor
         self.register_buffer("attn_mask", mask, persistent=False)
         nn.init.normal_(self.positional_embedding, std=0.01)  # open_clip's init scales; checkpoints overwrite
         nn.init.normal_(self.text_projection, std=config.width**-0.5)

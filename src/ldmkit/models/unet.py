@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,13 @@ from ldmkit.nn.blocks import (
 from ldmkit.nn.embeddings import timestep_embedding
 
 __all__ = ["UNetConfig", "UNetModel"]
+
+
+def _weight_dtype(layer: nn.Module) -> torch.dtype:
+    """``layer.weight.dtype`` of a Linear or conv layer reached by indexing a container (typed as Module)."""
+    weight = layer.weight
+    assert isinstance(weight, Tensor)
+    return weight.dtype
 
 
 @dataclass
@@ -345,7 +353,7 @@ class UNetModel(nn.Module):
             raise ValueError(f"timesteps must have shape [{batch}], got {tuple(timesteps.shape)}")
 
         t_emb = timestep_embedding(timesteps, self.model_channels)  # [B, mc]
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [B, 4mc]
+        emb = self.time_embed(t_emb.to(_weight_dtype(self.time_embed[0])))  # [B, 4mc]
         if y is not None:
             if y.shape[0] != batch:
                 raise ValueError(f"y has batch size {y.shape[0]} but x has {batch}")
@@ -354,7 +362,9 @@ class UNetModel(nn.Module):
         skips: list[Tensor] = []
         # use_fp16/bf16 (CompVis) casts the torso input; otherwise follow the weights, so that a UNet moved
         # with .half() / .to(torch.bfloat16) takes fp32 inputs as diffusers' does
-        h = x.to(self.dtype if self.dtype != torch.float32 else self.input_blocks[0][0].weight.dtype)
+        # input_blocks[0] is TimestepEmbedSequential(conv_in); ModuleList types its items only as Module
+        conv_in = cast(TimestepEmbedSequential, self.input_blocks[0])[0]
+        h = x.to(self.dtype if self.dtype != torch.float32 else _weight_dtype(conv_in))
         if isinstance(context, Tensor):
             context = context.to(h.dtype)
         elif context is not None:

@@ -64,11 +64,14 @@ class VectorQuantizer(nn.Module):
             # The codebook is then an average, not a trained parameter. Starting the averages at
             # N_i = 1, m_i = e_i keeps e_i = m_i / N_i from the first step on.
             self.embedding.weight.requires_grad_(False)
+            self.ema_cluster_size: Tensor
+            self.ema_embed_sum: Tensor
             self.register_buffer("ema_cluster_size", torch.ones(n_e))  # N_i
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())  # m_i, (K, D)
         if restart_dead_codes is not None:
             # Not persistent, so reference checkpoints still load strictly; after a resume the counters
             # start again from zero, which only postpones the next restart.
+            self.steps_unused: Tensor
             self.register_buffer("steps_unused", torch.zeros(n_e, dtype=torch.long), persistent=False)
 
     def _check_latent(self, z: Tensor) -> None:
@@ -111,6 +114,7 @@ class VectorQuantizer(nn.Module):
             if self.ema_decay is not None:
                 self._ema_update(z_flat.detach(), indices, counts)
             if self.restart_dead_codes is not None:
+                assert generator is not None  # checked at the top
                 self._restart_dead_codes(z_flat.detach(), counts, generator)
 
         z_q = z + (z_q - z).detach()  # straight-through estimator: forward z_q, backward identity
@@ -124,6 +128,7 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, z_flat: Tensor, indices: Tensor, counts: Tensor) -> None:
         """VQ-VAE App. A.1: N_i <- g N_i + (1-g) n_i, m_i <- g m_i + (1-g) sum_j z_ij, e_i = m_i / N_i."""
         gamma = self.ema_decay
+        assert gamma is not None  # only called for an EMA codebook
         z_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_flat.float())  # (K, D)
         self.ema_cluster_size.mul_(gamma).add_(counts.float(), alpha=1 - gamma)
         self.ema_embed_sum.mul_(gamma).add_(z_sum, alpha=1 - gamma)
@@ -136,8 +141,10 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, z_flat: Tensor, counts: Tensor, generator: torch.Generator) -> None:
         """Re-seed codes unused for ``restart_dead_codes`` steps with random encoder outputs of this batch."""
+        limit = self.restart_dead_codes
+        assert limit is not None  # only called when restarts are enabled
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
-        dead = torch.nonzero(self.steps_unused >= self.restart_dead_codes).squeeze(1)  # (n_dead,)
+        dead = torch.nonzero(self.steps_unused >= limit).squeeze(1)  # (n_dead,)
         if dead.numel() == 0:
             return
         pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), generator=generator, device=generator.device)

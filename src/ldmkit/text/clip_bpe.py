@@ -185,11 +185,12 @@ def default_vocab_path(package: str = "open_clip", distribution: str = "open-cli
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         dist = None
-    for file in (dist.files or []) if dist is not None else []:
-        if file.name == VOCAB_FILE_NAME:
-            candidate = Path(str(dist.locate_file(file)))
-            if candidate.is_file():
-                return candidate
+    if dist is not None:
+        for file in dist.files or []:
+            if file.name == VOCAB_FILE_NAME:
+                candidate = Path(str(dist.locate_file(file)))
+                if candidate.is_file():
+                    return candidate
     raise FileNotFoundError(
         f"CLIP BPE vocabulary {VOCAB_FILE_NAME} not found: neither package {package!r} nor distribution "
         f"{distribution!r} provides it; {_INSTALL_HINT}"

@@ -23,15 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import FirstStageConfig, LDMConfig, from_dict, to_dict
+from ..config import FirstStageConfig, LDMConfig, to_dict
 from ..data.stream import ShardStream
-from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
+from ..ldm.build import build_autoencoder
+from ..ldm.checkpoint import save_checkpoint
+from ..ldm.files import AUTOENCODER_FILE, load_autoencoder
+from ..models.autoencoder_kl import AutoencoderKL
 from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
 from ..models.identity import IdentityFirstStage
 from ..models.perceptual import LPIPS
 from ..models.vq import VQModel
-from .build import build_autoencoder, build_first_stage, load_strict
-from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
 from .distributed import (
     Dist,
     average_gradients,
@@ -42,11 +43,11 @@ from .distributed import (
     micro_batches,
     micro_generator,
 )
+from .keeper import CheckpointKeeper
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 from .previews import preview_reconstructions
 
 STATE_FILE = "autoencoder_train.safetensors"
-WEIGHTS_FILE = "autoencoder.safetensors"
 FirstStageLoss = LPIPSWithDiscriminator | VQLPIPSWithDiscriminator
 
 
@@ -112,7 +113,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train_autoencoder
-    final = run_dir / WEIGHTS_FILE
+    final = run_dir / AUTOENCODER_FILE
     if final.exists():
         return load_autoencoder(final)
     stream = images if isinstance(images, ShardStream) else None
@@ -128,15 +129,16 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     opt_d = torch.optim.Adam(loss_mod.discriminator_parameters(), lr=tc.lr, betas=tc.betas)
     keeper = CheckpointKeeper(run_dir / STATE_FILE, tc.keep_checkpoints)
     state_path = keeper.path
-    step = 0
+    step, loss_avg = 0, None
     loaded = keeper.load(log=print if d.is_main else (lambda *a: None))
     if loaded is not None:
-        state, _ = loaded
+        state, meta = loaded
         ae.load_state_dict(state["model"])
         loss_mod.load_state_dict(state["loss"])
         opt_ae.load_state_dict(state["optimizer"])
         opt_d.load_state_dict(state["optimizer_disc"])
         step = int(state["step"])
+        loss_avg = state.get("loss_avg", meta.get("metric"))  # older states hold it as their metric only
         if stream is not None and state.get("data"):
             stream.load_state_dict(state["data"][min(d.rank, len(state["data"]) - 1)])
 
@@ -144,13 +146,14 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
         data = gather_objects(stream.state_dict(), d) if stream is not None else []  # every rank's position
         if d.is_main:
             keeper.save({"model": ae.state_dict(), "loss": loss_mod.state_dict(), "optimizer": opt_ae.state_dict(),
-                         "optimizer_disc": opt_d.state_dict(), "step": step, "data": data},
+                         "optimizer_disc": opt_d.state_dict(), "step": step, "data": data,
+                         "loss_avg": bar.running},
                         {"kind": "autoencoder_train"}, step, metric)
         barrier(d)
 
     disc_start = tc.disc_start if tc.disc_start is not None else tc.steps + 1
     bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress and d.is_main,
-                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None)
+                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None, running=loss_avg)
     ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
     shown = None if stream is not None else images[:8]
     while step < tc.steps:
@@ -214,14 +217,3 @@ def _disc_args(ae: nn.Module, x: Tensor, rec: Tensor, step: int) -> tuple[Any, .
     if isinstance(ae, VQModel):
         return (torch.zeros(()), x, rec, 1, step)
     return (x, rec, None, 1, step)
-
-
-def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel | IdentityFirstStage:
-    """Load a first stage written by `train_autoencoder` (config from the file's metadata)."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") not in ("autoencoder", "autoencoder_kl"):
-        raise ValueError(f"{path} is not an ldmkit autoencoder checkpoint (kind {meta.get('kind')!r})")
-    cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
-    ae = build_first_stage(cfg)
-    load_strict(ae, tensors, "autoencoder")
-    return ae.eval()

@@ -13,8 +13,8 @@ cross-attention conditions replace a share `drop_prob` of conditions by the null
 the empty caption, the empty layout), so that one network also learns the unconditional model that
 classifier-free guidance needs (Ho & Salimans 2022); spatial conditions are never dropped, as in LD.
 
-The spatial inputs are built by the same functions at training and at sampling time (`lowres_concat`,
-`inpaint_concat`), so that a trained model is sampled with exactly what it learnt from.
+The spatial inputs are built by the same functions at training and at sampling time (`ldm.concat`), so that
+a trained model is sampled with exactly what it learnt from.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import LDMConfig
+from ..data.datasets import TaskData
 from ..latent import LatentCodec
-from ..models.vq import VQModel
+from ..ldm.concat import inpaint_concat, lowres_concat
 
 __all__ = [
     "ConditionSource", "TokenCondition", "ContextCondition", "SpatialCondition", "SuperResCondition",
-    "InpaintCondition", "clean_latents", "lowres_concat", "inpaint_concat", "masked_image", "build_condition_source",
+    "InpaintCondition", "build_condition_source",
 ]
 
 
@@ -91,16 +91,6 @@ class SpatialCondition:
         return {"labels": self.maps[idx]}
 
 
-def lowres_concat(lowres: Tensor, latent_hw: tuple[int, int]) -> Tensor:
-    """The super-resolution condition: the low-resolution image at the latent's size (LD's bsr_sr model
-    concatenates the 64 px input to the 64 x 64 latent of a 256 px image; other factors are resized bicubically)."""
-    if lowres.ndim != 4:
-        raise ValueError(f"low-resolution input must be [B, C, h, w], got {tuple(lowres.shape)}")
-    if tuple(lowres.shape[-2:]) == tuple(latent_hw):
-        return lowres
-    return F.interpolate(lowres, size=latent_hw, mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
 @dataclass
 class SuperResCondition:
     """Low-resolution inputs made from the training images each step: bicubic or the BSR chain (LD's bsr_sr)."""
@@ -117,30 +107,6 @@ class SuperResCondition:
         lowres = (bsr_degrade(x, self.factor, generator=generator) if self.degradation == "bsr"
                   else bicubic_downsample(x, self.factor))
         return {"concat": lowres_concat(lowres, self.latent_hw)}
-
-
-def masked_image(image: Tensor, mask: Tensor) -> Tensor:
-    """The known part of the image, holes (mask 1) set to 0 = mid grey, as LD's and SD's inpainting data."""
-    return image * (1 - mask)
-
-
-@torch.no_grad()
-def clean_latents(codec: LatentCodec, images: Tensor) -> Tensor:
-    """Scaled deterministic latents: the posterior mode (no sampling noise), or VQ pre-quantisation latents."""
-    ae = codec.autoencoder
-    images = images.to(next(ae.parameters()).device)  # training keeps data on the CPU, the first stage may be on a GPU
-    return codec.scale(ae.encode(images) if isinstance(ae, VQModel) else codec.posterior(images).mode())
-
-
-@torch.no_grad()
-def inpaint_concat(codec: LatentCodec, image: Tensor, mask: Tensor, *, mask_first: bool = False) -> Tensor:
-    """[B, C_z + 1, h, w]: the scaled latent of the masked image (posterior mode: no sampling noise) and the
-    mask resized to the latent (nearest), in LD's order (latent, mask) or SD's (mask, latent)."""
-    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] != image.shape[0]:
-        raise ValueError(f"mask must be [B, 1, H, W] matching the image {tuple(image.shape)}, got {tuple(mask.shape)}")
-    z = clean_latents(codec, masked_image(image, mask))
-    m = F.interpolate(mask.to(z.device, z.dtype), size=z.shape[-2:], mode="nearest")  # [B, 1, h, w]
-    return torch.cat([m, z] if mask_first else [z, m], dim=1)
 
 
 @dataclass
@@ -171,18 +137,6 @@ class CombinedCondition:
         for s in self.sources:
             out.update(s.batch(idx, generator))
         return out
-
-
-@dataclass
-class TaskData:
-    """A training set with whatever conditions it carries (absent ones are None)."""
-
-    images: Tensor  # [N, C, H, W] in [-1, 1]
-    labels: Tensor | None = None  # class labels [N]
-    captions: list[str] | None = None
-    layouts: list[list[tuple[int, float, float, float, float]]] | None = None
-    segmaps: Tensor | None = None  # [N, H, W] long class maps (0 = background)
-    skipped: dict[str, Any] | None = None  # own data: files skipped while reading, by reason (data.records)
 
 
 def _need(value: Any, what: str, cfg: LDMConfig) -> Any:
@@ -241,7 +195,7 @@ def build_condition_source(cfg: LDMConfig, data: TaskData, codec: LatentCodec,
         context = frozen_context(conditioner, tokens)
         return ContextCondition(context, frozen_context(conditioner, null[None])[0], p)
     if c.kind == "layout":
-        from .build import layout_tokenizer
+        from ..ldm.build import layout_tokenizer
 
         layouts = _need(data.layouts, "layouts", cfg)
         tok = layout_tokenizer(cfg)

@@ -11,28 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..config import LDMConfig, to_dict
+from ..config import LDMConfig
+from ..data.datasets import TaskData
 from ..data.stream import ShardStream
 from ..diffusion import diffusion_loss
 from ..latent import LatentCodec
+from ..ldm.build import LDMParts, build_conditioner, build_schedule, build_unet
+from ..ldm.conditioned_unet import ConditionedUNet, is_frozen
+from ..ldm.files import LDM_FILE, save_ldm
 from ..models.distributions import DiagonalGaussianDistribution
 from ..models.vq import VQModel
-from .build import LDMParts, build_conditioner, build_schedule, build_unet, ldm_state_dict
-from .checkpoint import CheckpointKeeper, save_checkpoint
-from .conditions import ConditionSource, TaskData, TokenCondition, build_condition_source
+from .conditions import ConditionSource, TokenCondition, build_condition_source
 from .distributed import Dist, barrier, gather_objects, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
+from .keeper import CheckpointKeeper
 from .loop import Progress, check_finite, draw_batch, lr_at, seeded_init, set_lr
 from .previews import preview_samples
 
 STATE_FILE = "ldm_train.safetensors"
-WEIGHTS_FILE = "ldm.safetensors"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,44 +63,6 @@ def draw_latents(moments: Tensor, latent_channels: int, generator: torch.Generat
     if moments.shape[1] == latent_channels:
         return moments
     return DiagonalGaussianDistribution(moments).sample(generator)
-
-
-class Denoiser(nn.Module):
-    """The trainable part of stage 2: UNet plus (optional) conditioner, one module for EMA and AdamW.
-
-    `key` says where the conditioner's output goes (LDM's conditioning_key): cross-attention context
-    ("crossattn", "hybrid") or channels concatenated to x ("concat", e.g. the SpatialRescaler's maps).
-    """
-
-    def __init__(self, unet: nn.Module, conditioner: nn.Module | None, key: str | None = "crossattn") -> None:
-        super().__init__()
-        self.unet = unet
-        self.conditioner = conditioner
-        self.key = key
-        # what runs the UNet at inference: None = the module itself; the pipeline's enable_cuda_graphs sets a
-        # nn.cuda_graph.CUDAGraphRunner over it (a plain attribute: no state_dict entry)
-        self.unet_runner: Callable[..., Tensor] | None = None
-
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, context: Tensor | None = None,
-                concat: Tensor | None = None) -> Tensor:
-        """labels go through the conditioner; `context` (cross-attention tokens, e.g. precomputed text
-        embeddings) and `concat` (channels stacked onto x: LDM's conditioning_key "concat"/"hybrid") are
-        passed as they are."""
-        if labels is not None and self.conditioner is not None:
-            out = self.conditioner(labels)
-            if self.key == "concat":
-                concat = out if concat is None else torch.cat([concat, out], dim=1)
-            elif context is None:
-                context = out
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # [B, C + C_cond, h, w]
-        run = self.unet_runner if self.unet_runner is not None and not torch.is_grad_enabled() else self.unet
-        return run(x, t, context=context)
-
-
-def is_frozen(module: nn.Module | None) -> bool:
-    """A conditioner with no trainable parameters (a pretrained text encoder): kept out of AdamW and EMA."""
-    return module is not None and not any(p.requires_grad for p in module.parameters())
 
 
 def train_diffusion(
@@ -140,11 +103,11 @@ def train_diffusion(
         source = labels
     key = cfg.conditioning.resolved_key()
 
-    def build() -> tuple[Denoiser, nn.Module | None]:
+    def build() -> tuple[ConditionedUNet, nn.Module | None]:
         unet = build_unet(cfg)  # the UNet first, then the conditioner: one seeded initialisation order
         cs = conditioner if conditioner is not None else build_conditioner(cfg)
         # frozen encoders stay out of the optimiser, the EMA and the training state
-        return Denoiser(unet, None if is_frozen(cs) else cs, key), cs
+        return ConditionedUNet(unet, None if is_frozen(cs) else cs, key), cs
 
     net, cond_stage = seeded_init(tc.seed, build)
     frozen = is_frozen(cond_stage)
@@ -167,16 +130,17 @@ def train_diffusion(
     opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     keeper = CheckpointKeeper(run_dir / STATE_FILE, tc.keep_checkpoints)
-    step = 0
+    step, loss_avg = 0, None
     loaded = keeper.load(log=print if d.is_main else (lambda *a: None))
     if loaded is not None:
-        state, _ = loaded
+        state, meta = loaded
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        loss_avg = state.get("loss_avg", meta.get("metric"))  # older states hold it as their metric only
         if stream is not None and state.get("data"):
             stream.load_state_dict(state["data"][min(d.rank, len(state["data"]) - 1)])
     # one process: the network itself; under torchrun: DDP averages the gradients during backward
@@ -190,12 +154,12 @@ def train_diffusion(
         data = gather_objects(stream.state_dict(), d) if stream is not None else []  # every rank's position
         if d.is_main:
             keeper.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "data": data},
+                         "scaler": scaler.state_dict(), "step": step, "data": data, "loss_avg": bar.running},
                         {"kind": "ldm_train", "scale_factor": codec.scale_factor}, step, metric)
         barrier(d)
 
     bar = Progress(tc.steps, step, "diffusion", run_dir / "ldm_log.jsonl", progress and d.is_main,
-                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None)
+                   write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None, running=loss_avg)
     while step < tc.steps:
         t_step = time.perf_counter()
         lr = lr_at(step, tc.steps, peak_lr, tc.warmup_steps, tc.lr_min_ratio)
@@ -244,12 +208,6 @@ def train_diffusion(
     best = ema.model
     parts = LDMParts(best.unet, codec.autoencoder, cond_stage if frozen else best.conditioner, schedule)
     if d.is_main:
-        save_ldm(run_dir / WEIGHTS_FILE, parts, cfg, codec.scale_factor)
+        save_ldm(run_dir / LDM_FILE, parts, cfg, codec.scale_factor)
     barrier(d)
     return parts
-
-
-def save_ldm(path: Path, parts: LDMParts, cfg: LDMConfig, scale_factor: float) -> None:
-    """The inference checkpoint: CompVis-prefixed weights, config and scale factor in the metadata."""
-    save_checkpoint(path, ldm_state_dict(parts),
-                    {"kind": "ldm", "config": to_dict(cfg), "scale_factor": scale_factor})

@@ -54,6 +54,26 @@ def check_finite(loss: Tensor, what: str, step: int, checkpoint: Path) -> None:
         )
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the lines after `step` from a JSON-lines log: what an interrupted run logged past its last checkpoint
+    is logged again when those steps are redone, so a resumed log reads as an uninterrupted one."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step and line.endswith("\n")
+        except (ValueError, KeyError, TypeError):
+            return False  # a line torn by a kill mid-write
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 class Progress:
     """A tqdm bar with ETA, a JSON-lines log of (step, loss, lr, seconds, ...), TensorBoard scalars and images.
 
@@ -63,7 +83,7 @@ class Progress:
     """
 
     def __init__(self, total: int, start: int, desc: str, log_path: Path, enabled: bool = True,
-                 write: bool = True, tb_dir: Path | None = None) -> None:
+                 write: bool = True, tb_dir: Path | None = None, running: float | None = None) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         mininterval=1.0)
         self.desc = desc
@@ -71,7 +91,11 @@ class Progress:
         self.log_path = log_path
         self.write = write  # under torchrun only rank 0 writes the log
         self.t0 = time.perf_counter()
-        self.running: float | None = None
+        # the running loss average goes into every checkpoint (its metric) and comes back on resume: a resumed
+        # run then logs and ranks its checkpoints exactly as an uninterrupted one
+        self.running: float | None = running
+        if write:
+            trim_log(log_path, start)
         self.tb: Any = None
         if write and tb_dir is not None:
             try:

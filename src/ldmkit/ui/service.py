@@ -185,7 +185,7 @@ class Service:
                                "side" + (f" (x{scale} = {self.limits.max_size} px out)" if scale > 1 else ""))
         m = max(1, self.multiple // scale)
         size = (max(m, im.width // m * m), max(m, im.height // m * m))
-        return im if size == im.size else im.resize(size, Image.BICUBIC)
+        return im if size == im.size else im.resize(size, Image.Resampling.BICUBIC)
 
     def _picture(self, im: Any, what: str, scale: int = 1) -> Image.Image:
         if isinstance(im, dict):  # an image editor's value: its background is the picture
@@ -202,11 +202,12 @@ class Service:
             raise RequestError("paint the region to fill on the image (no brush stroke found)")
         painted = np.zeros((background.height, background.width), dtype=bool)
         for la in layers:  # a stroke is any pixel a layer covers (alpha > 0)
-            painted |= np.asarray(la.convert("RGBA").getchannel("A").resize(background.size, Image.NEAREST)) > 0
+            alpha = la.convert("RGBA").getchannel("A").resize(background.size, Image.Resampling.NEAREST)
+            painted |= np.asarray(alpha) > 0
         if not painted.any():
             raise RequestError("paint the region to fill on the image (the mask is empty)")
         image = self._fit(background, "image")
-        mask = Image.fromarray(painted.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+        mask = Image.fromarray(painted.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
         return image, mask_tensor(mask)
 
     def _segmap(self, im: Any) -> Any:

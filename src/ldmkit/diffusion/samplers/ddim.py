@@ -86,6 +86,7 @@ def sample_ddim(
         index = n - 1 - i  # walk the grid from its top
         t = timesteps_like(x, int(grid[index]))
         if mask is not None:
+            assert x0 is not None  # mask and x0 come together (checked above)
             noise = randn_like(x, generator)
             known = schedule.q_sample(x0, t, noise)
             x = known * mask + (1 - mask) * x

@@ -84,6 +84,7 @@ def sample_ddpm(
         index = n - 1 - i
         t = timesteps_like(x, int(grid[index]))
         if mask is not None:
+            assert x0 is not None  # mask and x0 come together (checked above)
             noise = randn_like(x, generator)
             x = schedule.q_sample(x0, t, noise) * mask + (1 - mask) * x
         x0_hat = denoiser(x, t)

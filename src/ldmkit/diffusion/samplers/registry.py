@@ -157,9 +157,10 @@ def run_sampler(
                              "for fewer steps use ddim with eta 1, its respaced equivalent")
         return spec.fn(denoiser, noise, schedule, **kwargs)
     sigmas = sigma_grid(schedule, steps, grid or "normal").to(noise.device)
-    D: Callable[[Tensor, Tensor], Tensor] = SigmaDenoiser(denoiser, schedule)
+    sigma_denoiser = SigmaDenoiser(denoiser, schedule)
+    D: Callable[[Tensor, Tensor], Tensor] = sigma_denoiser
     if callback is not None:
-        user_callback, table = callback, D.sigmas
+        user_callback, table = callback, sigma_denoiser.sigmas
 
         def with_t(info: dict[str, Any]) -> None:
             # one vocabulary for both families: also report the (fractional) training step of sigma
@@ -168,6 +169,7 @@ def run_sampler(
 
         kwargs["callback"] = with_t
     if mask is not None:
+        assert x0 is not None  # mask and x0 come together (checked above)
         inner = D
 
         def D(x: Tensor, sigma: Tensor) -> Tensor:  # noqa: N802  (k-diffusion's name for the denoiser)

@@ -15,86 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
-from .data.mnist import mnist_tensor
-from .data.stream import ShardStream
-from .latent import LatentCodec, estimate_scale_factor
-from .training.autoencoder import WEIGHTS_FILE as AE_WEIGHTS_FILE
-from .training.autoencoder import load_autoencoder, train_autoencoder
-from .training.build import build_conditioner
-from .training.conditions import TaskData, build_condition_source
-from .training.diffusion import WEIGHTS_FILE, draw_latents, encode_moments, train_diffusion
-from .training.distributed import Dist, barrier, setup
-from .training.loop import draw_batch
-
-
-def load_dataset(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> tuple[Tensor, Tensor]:
-    """The whole training set in memory: images [N, C, R, R] in [-1, 1] and labels [N]."""
-    d = cfg.data
-    if d.limit is not None and d.limit < 1:
-        raise ValueError(f"data.limit must be >= 1, got {d.limit}")
-    if d.name != "photos" and (d.include_gray or d.channel_shuffle):
-        raise ValueError(f"data.include_gray and data.channel_shuffle apply to the photos dataset, not {d.name!r}")
-    if d.name in ("emoji", "canvases", "folder", "captions", "shards"):
-        data = load_task_data(cfg, split)
-        labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.long)
-        return data.images, labels
-    if d.name == "mnist":
-        if d.resolution != 32 or d.channels != 1:
-            raise ValueError("the mnist dataset is 1 x 32 x 32: set data.resolution 32 and data.channels 1")
-        images, labels = mnist_tensor(split, d.root)
-    elif d.name == "photos":
-        from .data.photos import PhotoCrops, photo_sources
-
-        if d.channels != 3:
-            raise ValueError("the photos dataset is RGB: set data.channels 3")
-        # train crops come from the training photos only; "test" crops from photos never trained on, as they
-        # are: the grey photos and shuffled channels are training augmentations
-        train = split == "train"
-        crops = PhotoCrops("train" if train else "held_out", d.resolution, d.limit or 4096,
-                           seed=0 if train else 1, channel_shuffle=d.channel_shuffle and train,
-                           sources=photo_sources(include_gray=d.include_gray and train))
-        return crops.images, crops.photo_index
-    else:
-        raise ValueError(f"unknown dataset {d.name!r}; choose 'mnist', 'photos', 'folder', 'captions', 'shards', "
-                         f"'emoji' or 'canvases'")
-    return images[: d.limit], labels[: d.limit]
-
-
-def load_task_data(cfg: LDMConfig | FirstStageConfig, split: str = "train") -> TaskData:
-    """The training set with the conditions it carries: captions (emoji), layouts and class maps (canvases),
-    class labels (mnist, folder)."""
-    d = cfg.data
-    if d.name == "emoji":
-        from .data.emoji import emoji_dataset
-
-        if d.channels != 3:
-            raise ValueError("the emoji dataset is RGB: set data.channels 3")
-        em = emoji_dataset(d.resolution, split="train" if split == "train" else "held_out")
-        n = len(em.captions) if d.limit is None else min(d.limit, len(em.captions))
-        return TaskData(em.images[:n], captions=list(em.captions[:n]))
-    if d.name == "canvases":
-        from .data.canvases import mnist_canvases
-
-        if d.channels != 1:
-            raise ValueError("the canvases dataset is grey: set data.channels 1")
-        lo, hi = d.digits
-        cv = mnist_canvases(d.limit or 10000, size=d.resolution, min_digits=lo, max_digits=hi,
-                            split="train" if split == "train" else "test", seed=0 if split == "train" else 1,
-                            root=d.root)
-        return TaskData(cv.images, layouts=cv.layouts, segmaps=cv.segmaps)
-    if d.name in ("folder", "captions", "shards"):  # the user's own data, bad files skipped and counted
-        from .data.records import read_captioned, read_folder, read_shards
-
-        if d.root is None:
-            raise ValueError(f"data.name {d.name!r} needs data.root (a folder, a caption file or a shard pattern)")
-        if d.limit is not None and d.limit < 1:
-            raise ValueError(f"data.limit must be >= 1, got {d.limit}")
-        reader = {"folder": read_folder, "captions": read_captioned, "shards": read_shards}[d.name]
-        own = reader(d.root, d.resolution, d.channels, limit=d.limit, min_size=d.min_size)
-        return TaskData(own.images, labels=own.labels, captions=own.captions, skipped=own.report.as_dict())
-    images, labels = load_dataset(cfg, split)
-    return TaskData(images, labels=labels)
+from ..config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
+from ..data.datasets import TaskData, load_dataset, load_task_data
+from ..data.stream import ShardStream
+from ..latent import LatentCodec, estimate_scale_factor
+from ..ldm.build import build_conditioner
+from ..ldm.files import AUTOENCODER_FILE, LDM_FILE, load_autoencoder
+from ..training.autoencoder import train_autoencoder
+from ..training.conditions import build_condition_source
+from ..training.diffusion import draw_latents, encode_moments, train_diffusion
+from ..training.distributed import Dist, barrier, setup
+from ..training.loop import draw_batch
 
 
 def choose_scale_factor(cfg: LDMConfig, moments: Tensor, latent_channels: int) -> float:
@@ -117,7 +48,7 @@ def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, label
     `data` carries the conditions of the other tasks (captions, layouts, class maps); super-resolution and
     inpainting make theirs from `images`.
     """
-    if (run_dir / WEIGHTS_FILE).exists():
+    if (run_dir / LDM_FILE).exists():
         return
     kind = cfg.conditioning.kind
     if kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
@@ -215,10 +146,10 @@ def adopt_first_stage(cfg: LDMConfig, run_dir: Path, write: bool = True) -> LDMC
     """
     src = Path(cfg.first_stage or "")
     if src.is_dir():
-        src = src / AE_WEIGHTS_FILE
+        src = src / AUTOENCODER_FILE
     if not src.is_file():
         raise FileNotFoundError(f"first_stage: no autoencoder at {src} (give a stage-1 run directory or its "
-                                f"{AE_WEIGHTS_FILE})")
+                                f"{AUTOENCODER_FILE})")
     ae = load_autoencoder(src)
     a = ae.config
     if a.in_channels != cfg.data.channels:
@@ -227,7 +158,7 @@ def adopt_first_stage(cfg: LDMConfig, run_dir: Path, write: bool = True) -> LDMC
     if a.embed_dim != cfg.unet.out_channels:
         raise ValueError(f"first_stage {src} has {a.embed_dim} latent channels but unet.out_channels is "
                          f"{cfg.unet.out_channels}")
-    dst = run_dir / AE_WEIGHTS_FILE
+    dst = run_dir / AUTOENCODER_FILE
     if write and not dst.exists():
         tmp = dst.with_suffix(".tmp")
         shutil.copyfile(src, tmp)
@@ -243,8 +174,8 @@ def train_first_stage(config: str | Path | FirstStageConfig, run_dir: str | Path
     Writes autoencoder.safetensors and metrics.json into `run_dir`; rerunning resumes or, when finished, only
     re-measures.
     """
-    from .evaluation.autoencoder_eval import evaluate_autoencoder
-    from .training.autoencoder import train_autoencoder as fit
+    from ..evaluation.autoencoder_eval import evaluate_autoencoder
+    from ..training.autoencoder import train_autoencoder as fit
 
     cfg = config if isinstance(config, FirstStageConfig) else load_first_stage_run(config, overrides)
     d = dist if dist is not None else setup()

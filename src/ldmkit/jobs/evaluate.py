@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data.images import to_uint8
-from .evaluation.generative_eval import compare, extract, feature_net, markdown_report, reference_features
-from .pipeline import LatentDiffusionPipeline
+from ..data.images import to_uint8
+from ..evaluation.generative_eval import compare, extract, feature_net, markdown_report, reference_features
+from ..pipeline import LatentDiffusionPipeline
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +67,7 @@ def reference_images(pipe: LatentDiffusionPipeline, reference: str, n: int) -> T
     """`reference` images at the run's resolution: "test" / "train" split of its dataset, or a folder."""
     from dataclasses import replace
 
-    from .train import load_dataset
+    from ..data.datasets import load_dataset
 
     cfg = pipe.cfg
     if reference in ("test", "train"):

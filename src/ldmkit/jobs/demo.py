@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from .config import load_config
-from .data.images import save_grid
-from .data.mnist import mnist_tensor
-from .evaluation.classifier import evaluate_classifier, load_or_train_judge, predict
-from .evaluation.frechet import feature_statistics, frechet_distance
-from .evaluation.image_metrics import psnr
-from .latent import LatentCodec
-from .pipeline import LatentDiffusionPipeline
+from ..config import load_config
+from ..data.images import save_grid
+from ..data.mnist import mnist_tensor
+from ..evaluation.classifier import evaluate_classifier, load_or_train_judge, predict
+from ..evaluation.frechet import feature_statistics, frechet_distance
+from ..evaluation.image_metrics import psnr
+from ..latent import LatentCodec
+from ..ldm.files import LDM_FILE
+from ..pipeline import LatentDiffusionPipeline
+from ..training.autoencoder import train_autoencoder
 from .train import train_second_stage
-from .training.autoencoder import train_autoencoder
-from .training.diffusion import WEIGHTS_FILE
 
 JUDGE_FILE = "judge.safetensors"
 
@@ -79,22 +79,26 @@ def run_demo(
 
     train_x, train_y = mnist_tensor("train", cfg.data.root)
     test_x, test_y = mnist_tensor("test", cfg.data.root)
-    log(f"MNIST: {len(train_x)} train / {len(test_x)} test images, {tuple(train_x.shape[1:])}")
+    # data.limit (e.g. --set data.limit=2000) shortens what both stages train on; the judge and the metrics
+    # always see the whole train and test sets
+    fit_x, fit_y = train_x[: cfg.data.limit], train_y[: cfg.data.limit]
+    log(f"MNIST: {len(train_x)} train / {len(test_x)} test images, {tuple(train_x.shape[1:])}"
+        + (f"; the model trains on the first {len(fit_x)}" if len(fit_x) < len(train_x) else ""))
 
     judge = _timed(timings, tpath, "judge",
                    lambda: load_or_train_judge(run_dir / JUDGE_FILE, train_x, train_y, judge_steps, progress))
     judge_acc = evaluate_classifier(judge, test_x, test_y)
     log(f"judge: test accuracy {judge_acc:.2%}")
 
-    ae = _timed(timings, tpath, "autoencoder", lambda: train_autoencoder(cfg, train_x, run_dir, progress=progress))
+    ae = _timed(timings, tpath, "autoencoder", lambda: train_autoencoder(cfg, fit_x, run_dir, progress=progress))
     codec = LatentCodec(ae)
     ae_psnr = autoencoder_psnr(codec, test_x)
     log(f"autoencoder: f={ae.downsample_factor}, latent {codec.latent_shape(cfg.data.resolution)}, "
         f"test PSNR {ae_psnr:.2f} dB")
 
-    if not (run_dir / WEIGHTS_FILE).exists():
+    if not (run_dir / LDM_FILE).exists():
         _timed(timings, tpath, "diffusion",
-               lambda: train_second_stage(cfg, codec, train_x, train_y, run_dir, progress, log))
+               lambda: train_second_stage(cfg, codec, fit_x, fit_y, run_dir, progress, log))
     pipe = LatentDiffusionPipeline.from_pretrained(run_dir)
     sc = cfg.sampling
 
