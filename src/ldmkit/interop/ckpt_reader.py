@@ -13,7 +13,10 @@ globals the file wanted, before any of them was called.
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,23 +107,88 @@ class RawCheckpoint:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
+    """The globals (module.name) a pickle file names, read from its opcodes without running any of them."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        if _is_zip(path):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        return [g for g in _pickle_globals(path.read_bytes()) if g not in _torch_allowed_globals()]
     except Exception:  # noqa: BLE001  (the listing is best effort; the load below is what protects)
         return []
+
+
+def _torch_allowed_globals() -> set[str]:
+    """What torch's weights_only unpickler builds by itself (tensors, storages, OrderedDict, ...): not worth naming
+    in a refusal. A private helper of torch's; without it every global is named, which is merely longer."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):
+        return set()
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """Every GLOBAL / STACK_GLOBAL of the pickles stored one after another in `data` (a legacy torch.save file
+    holds several, then raw storage bytes, where the scan stops). STACK_GLOBAL takes its module and name from
+    the two strings pushed before it, directly or through the memo, which is all a well-formed pickle does."""
+    found: list[str] = []
+    pos = 0
+    while pos < len(data):
+        strings: list[str] = []  # the strings pushed so far, in order
+        memo: dict[int, str | None] = {}
+        top: str | None = None  # the string on top of the stack, when the last push was one
+        end = None
+        try:
+            for op, arg, at in pickletools.genops(io.BytesIO(data[pos:])):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                    top = None
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                    top = None
+                elif name in _STRING_OPS:
+                    top = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
+                    strings.append(top)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top
+                elif name in _PUT_OPS:
+                    memo[int(arg)] = top
+                elif name in _GET_OPS:
+                    top = memo.get(int(arg))
+                    if top is not None:
+                        strings.append(top)
+                else:
+                    top = None
+                if name == "STOP":
+                    end = pos + at + 1
+        except Exception:  # noqa: BLE001  (past the pickles: raw storage bytes, or a damaged file)
+            break
+        if end is None or end <= pos:
+            break
+        pos = end
+    return list(dict.fromkeys(found))
 
 
 def _load_pickle(path: Path) -> Any:
     """torch.load with weights_only=True, allowing only INERT_GLOBALS (as InertObject) beyond PyTorch's own."""
     try:
-        with torch.serialization.safe_globals(_INERT):
+        # torch warns about pickle protocols its safe unpickler was not written for; the refusal below says
+        # all that matters, so its warnings (and its advice to load unsafely) are not passed on
+        with torch.serialization.safe_globals(_INERT), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         wanted = [g for g in _unsafe_globals(path) if g not in INERT_GLOBALS]
-        names = ", ".join(wanted) if wanted else str(e).splitlines()[0]
+        names = ", ".join(wanted) if wanted else "globals that could not be listed"
         raise UnsafeCheckpointError(
             f"refusing to load {path}: the pickle asks to call code outside plain tensors and containers "
-            f"({names}). It was not executed. Convert the file to .safetensors with a tool you trust, or "
+            f"({names}). Nothing in it was run. Convert the file to .safetensors with a tool you trust, or "
             "re-save only its state_dict."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:

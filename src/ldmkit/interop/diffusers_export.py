@@ -254,56 +254,29 @@ def export_parts_to_diffusers(
     return DiffusersExport(out_dir, components, pipeline, notes)
 
 
-def _is_ldmkit_file(path: Path) -> bool:
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    from ..ldm.checkpoint import META_KEY
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception:
-        return False
-    if raw is None:
-        return False
-    try:
-        return json.loads(raw).get("kind") == "ldm"
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
 def _load_source(
     source: Path, use_ema: bool, config: Any, prediction: str | None
 ) -> tuple[LDMConfig, Any, float | None]:
     """(config, LDMParts, scale factor) of an ldmkit run dir / ldm.safetensors or an original checkpoint."""
-    from ..ldm.files import LDM_FILE
+    from ..ldm.files import is_ldmkit_file, load_ldm
 
     if not source.exists():
         raise FileNotFoundError(f"no such model: {source}")
-    if source.is_dir():
-        if not (source / LDM_FILE).is_file():
-            raise ValueError(f"{source} holds no {LDM_FILE}: is it a finished ldmkit training run?")
-        source = source / LDM_FILE
-    if _is_ldmkit_file(source):
+    if source.is_dir() or (source.suffix == ".safetensors" and is_ldmkit_file(source)):
         if config is not None:
             raise ValueError("config applies to original checkpoints only; an ldmkit checkpoint carries its own")
-        from ..pipeline import LatentDiffusionPipeline
-
-        pipe = LatentDiffusionPipeline.from_pretrained(source)
+        f = load_ldm(source)
         if use_ema:
             from ..ldm.build import load_strict
-            from ..ldm.checkpoint import load_checkpoint
             from .compvis import ema_unet_state, split_checkpoint
 
-            split = split_checkpoint(load_checkpoint(source)[0])
+            split = split_checkpoint(f.tensors)
             if not split.has_ema:
                 raise ValueError(f"{source} has no EMA weights (no model_ema.* keys); export without use_ema")
-            load_strict(pipe.parts.unet, ema_unet_state(split, pipe.parts.unet), "EMA UNet")
+            load_strict(f.parts.unet, ema_unet_state(split, f.parts.unet), "EMA UNet")
         if prediction is not None:
-            pipe.cfg.parameterization = prediction  # checked by scheduler_config
-        return pipe.cfg, pipe.parts, pipe.codec.scale_factor
+            f.config.parameterization = prediction  # checked by scheduler_config
+        return f.config, f.parts, f.scale_factor
     from .loader import load_ldm_checkpoint
 
     loaded = load_ldm_checkpoint(source, config=config, use_ema=use_ema, prediction=prediction)

@@ -1,0 +1,1 @@
+"""End-to-end jobs: `train` (both stages from a config), `evaluate` (sample a run and score it), `demo`."""
