@@ -54,6 +54,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldmkit.conditioning.sources import TokenCondition
 from ldmkit.config import LDMConfig, load_config, load_first_stage_run, to_dict
 from ldmkit.data.mnist import mnist_tensor
 from ldmkit.diffusion import diffusion_loss
@@ -67,7 +68,6 @@ from ldmkit.ldm.conditioned_unet import ConditionedUNet
 from ldmkit.models.identity import IdentityFirstStage, identity_config
 from ldmkit.pipeline import LatentDiffusionPipeline
 from ldmkit.training.autoencoder import train_autoencoder
-from ldmkit.training.conditions import TokenCondition
 from ldmkit.training.diffusion import draw_latents, encode_moments
 from ldmkit.training.ema import EMA
 from ldmkit.training.loop import draw_batch, lr_at, seeded_init, set_lr

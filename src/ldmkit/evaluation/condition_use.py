@@ -13,11 +13,11 @@ import dataclasses
 
 import torch
 
+from ..conditioning import kind_of
+from ..conditioning.concat import clean_latents
 from ..data.datasets import TaskData
 from ..diffusion.parameterization import training_target
 from ..diffusion.schedules import _gather
-from ..ldm.concat import clean_latents
-from ..training.conditions import build_condition_source
 
 
 def _subset(data: TaskData, n: int) -> TaskData:
@@ -45,8 +45,8 @@ def condition_gap(pipe, data: TaskData, *, n: int = 64, repeats: int = 4, seed: 
     sub = _subset(data, n)
     if len(sub.images) < 2:
         raise ValueError("condition_gap needs at least two examples")
-    frozen = pipe.parts.conditioner if cfg.conditioning.kind == "minilm" else None
-    source = build_condition_source(cfg, sub, pipe.codec, frozen)
+    kind = kind_of(cfg)
+    source = kind.training_source(cfg, sub, pipe.codec, pipe.parts.conditioner if kind.frozen_encoder else None)
     if source is None:
         raise ValueError("the model is unconditional: there is no condition to test")
     gen = torch.Generator().manual_seed(seed)

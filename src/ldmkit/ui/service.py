@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..conditioning import kind_of
 from ..diffusion.samplers.registry import resolve_sampler
 from ..pipeline import LatentDiffusionPipeline
 from ..pipeline_io import Generation, index_map, mask_tensor, parse_layout
-from ..sampling_inputs import condition_roles
 
 TASKS = {
     "generate": "Generate",
@@ -77,17 +77,10 @@ class Service:
     def __init__(self, pipe: LatentDiffusionPipeline, limits: Limits | None = None) -> None:
         self.pipe = pipe
         self.limits = limits or Limits()
-        c = pipe.cfg.conditioning
-        roles = condition_roles(pipe.cfg)
+        kind = kind_of(pipe.cfg)
+        roles = kind.roles(pipe.cfg)
         self.text, self.layout, self.classes = roles.text, roles.layout, pipe.n_classes
-        if c.kind == "image":
-            self.tasks = ["upscale"]
-        elif c.kind == "rescaler":
-            self.tasks = ["segmap"]
-        elif roles.concat_inpaint:
-            self.tasks = ["inpaint"]
-        else:
-            self.tasks = ["generate", "img2img", "inpaint"]
+        self.tasks = kind.tasks(pipe.cfg)  # the tabs this model's conditioning kind offers
         # image sides must be multiples of this: the autoencoder's factor times the UNet's downsampling
         self.multiple = pipe.codec.downsample_factor * 2 ** (len(pipe.cfg.unet.channel_mult) - 1)
 

@@ -47,3 +47,33 @@ def inpaint_concat(codec: LatentCodec, image: Tensor, mask: Tensor, *, mask_firs
     z = clean_latents(codec, masked_image(image, mask))
     m = F.interpolate(mask.to(z.device, z.dtype), size=z.shape[-2:], mode="nearest")  # [B, 1, h, w]
     return torch.cat([m, z] if mask_first else [z, m], dim=1)
+
+
+def image_batch(x: Tensor, what: str, channels: int) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"{what} must be a float tensor in [-1, 1]")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{what} must be [B, {channels}, H, W] (this model has {channels} image channels), "
+                         f"got {tuple(x.shape)}")
+    if not torch.isfinite(x).all() or x.min() < -1.01 or x.max() > 1.01:
+        raise ValueError(f"{what} must hold finite values in [-1, 1], got range [{float(x.min()):.3g}, "
+                         f"{float(x.max()):.3g}]")
+    return x.float().clamp(-1, 1)
+
+
+def mask_batch(mask: Tensor, image: Tensor) -> Tensor:
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None] if mask.shape[0] == image.shape[0] and mask.shape[0] != 1 else mask[None]
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"mask must be [B, 1, H, W] with the image's size {tuple(image.shape[-2:])}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.shape[0] == 1 and image.shape[0] > 1:
+        mask = mask.expand(image.shape[0], -1, -1, -1)
+    mask = (mask.float() > 0.5).float()
+    if not mask.any():
+        raise ValueError("the mask is empty: mark the region to fill with 1 (white)")
+    return mask
