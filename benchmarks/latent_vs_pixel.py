@@ -216,7 +216,7 @@ def run_factor(f: int, args: argparse.Namespace, data: dict[str, torch.Tensor], 
     def measure(model: ConditionedUNet) -> tuple[float, float]:
         parts = LDMParts(model.unet, ae, model.conditioner, build_schedule(cfg))
         pipe = LatentDiffusionPipeline(cfg, parts, codec.scale_factor)
-        samples = pipe.sample(classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=args.seed)
+        samples = pipe.sample(class_label=classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=args.seed)
         return judge(samples.clamp(-1, 1), torch.tensor(classes))
 
     log(f"f={f}: latent {shape}, scale factor {codec.scale_factor:.4f}, training {args.budget:g} CPU s")

@@ -104,7 +104,7 @@ def measure_text(pipe: LatentDiffusionPipeline, n: int, runs: Path) -> tuple[dic
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(real.captions), generator=g)[:n]
     captions = [real.captions[i] for i in idx]
-    images = sample(pipe, prompts=captions)
+    images = sample(pipe, prompt=captions)
     acc = caption_retrieval_accuracy(judge, images, captions, candidates=list(real.captions),
                                      generator=torch.Generator().manual_seed(1))
     ceiling = caption_retrieval_accuracy(judge, real.images[idx], captions, candidates=list(real.captions),
@@ -125,7 +125,7 @@ def measure_layout(pipe: LatentDiffusionPipeline, data: Any, n: int, runs: Path)
 
     judge = _judge(runs)
     lays = data.layouts[:n]
-    images = sample(pipe, layouts=lays)
+    images = sample(pipe, layout=lays)
     return {"box_accuracy": box_digit_accuracy(images, lays, judge),
             "real_canvas_accuracy": box_digit_accuracy(data.images[:n], lays, judge), "chance": 0.1}, images
 
@@ -195,7 +195,7 @@ def measure_img2img(pipe: LatentDiffusionPipeline, n: int, runs: Path) -> tuple[
     target = (y + 1) % 10
     out, shown = {}, [x[:8]]
     for s in (0.1, 0.2, 0.3, 0.6, 1.0):
-        images = sample(pipe, classes=target.tolist(), image=x, strength=s, guidance=3.0)
+        images = sample(pipe, class_label=target.tolist(), image=x, strength=s, guidance=3.0)
         with torch.no_grad():
             pred = judge(images).argmax(1)
         out[f"l1_to_input_strength_{s}"] = float((images - x).abs().mean())

@@ -148,7 +148,7 @@ def test_unknown_sampler_is_one_line(tiny_run, tmp_path, capsys):
 def test_outdir_writes_pngs_with_their_parameters(tiny_run, tmp_path, capsys):
     """txt2img.py's layout: numbered samples that go on after the files already there, and a grid per run."""
     from ldmkit import Pipeline
-    from ldmkit.pipeline_io import read_parameters
+    from ldmkit.pipeline.generation import read_parameters
 
     outdir = tmp_path / "samples"
     argv = ["sample", "--checkpoint", str(tiny_run), "--class", "3", "--n", "2", "--steps", "3", "--seed", "4",
@@ -171,7 +171,7 @@ def test_outdir_writes_pngs_with_their_parameters(tiny_run, tmp_path, capsys):
 
 
 def test_prompts_from_file(text_run, tmp_path, capsys):
-    from ldmkit.pipeline_io import read_parameters
+    from ldmkit.pipeline.generation import read_parameters
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue bar\n")

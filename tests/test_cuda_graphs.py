@@ -156,13 +156,14 @@ def test_weights_moved_or_rewritten_are_followed() -> None:
 @cuda
 def test_pipeline_samples_the_same_with_graphs(no_tf32: None) -> None:
     pipe = _pipeline().to("cuda")
-    eager = pipe.sample_latents([1, 2, 3], steps=10, guidance=2.0, seed=4)
+    eager = pipe.sample(return_latents=True, class_label=[1, 2, 3], steps=10, guidance=2.0, seed=4)
     pipe.enable_cuda_graphs()
-    graphed = pipe.sample_latents([1, 2, 3], steps=10, guidance=2.0, seed=4)
+    graphed = pipe.sample(return_latents=True, class_label=[1, 2, 3], steps=10, guidance=2.0, seed=4)
     assert pipe.net.unet_runner.captures == 1  # one shape: cond and uncond batched together, every step
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-4)
     pipe.fuse_qkv_projections()  # a switch that changes the computation drops the graphs
     assert not pipe.net.unet_runner.graphs
-    torch.testing.assert_close(pipe.sample_latents([1, 2, 3], steps=10, guidance=2.0, seed=4), eager, rtol=1e-4,
+    again = pipe.sample(return_latents=True, class_label=[1, 2, 3], steps=10, guidance=2.0, seed=4)
+    torch.testing.assert_close(again, eager, rtol=1e-4,
                                atol=1e-3)  # fused projections: other float rounding
     assert pipe.net.unet_runner.captures == 2

@@ -54,7 +54,7 @@ def test_freed_tensors_leave_resident_memory_only_with_the_switch():
 
 @needs_glibc
 def test_the_pipeline_switch_reaches_the_allocator():
-    assert _released_mib("from ldmkit.pipeline_switches import SpeedSwitches\n"
+    assert _released_mib("from ldmkit.pipeline.switches import SpeedSwitches\n"
                          "SpeedSwitches.enable_low_cpu_memory(SpeedSwitches())") > 140
 
 

@@ -106,9 +106,9 @@ def test_pixel_space_class_model_trains_and_samples(tmp_path: Path) -> None:
     assert out_w.abs().max().item() > 0
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path)
     assert isinstance(pipe.codec.autoencoder, IdentityFirstStage)
-    images = pipe.sample([0, 7, 3], steps=2, guidance=2.0, seed=0)
+    images = pipe.sample(class_label=[0, 7, 3], steps=2, guidance=2.0, seed=0)
     assert images.shape == (3, 1, 32, 32)
     assert torch.isfinite(images).all()
     # the sampler's final latent is the picture: no decoder in between
-    z = pipe.sample_latents([0, 7, 3], steps=2, guidance=2.0, seed=0)
+    z = pipe.sample(return_latents=True, class_label=[0, 7, 3], steps=2, guidance=2.0, seed=0)
     assert z.shape == (3, 1, 32, 32)

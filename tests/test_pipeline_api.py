@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import shape_picture
 from ldmkit import Pipeline
-from ldmkit.pipeline_io import read_parameters
+from ldmkit.pipeline.generation import read_parameters
 
 
 @pytest.fixture(scope="module")

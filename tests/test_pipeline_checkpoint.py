@@ -29,8 +29,8 @@ def test_lightning_ckpt_of_a_run_samples_the_same_images(tiny_run: Path, tmp_pat
     torch.save({"state_dict": tensors, "global_step": 150}, tmp_path / "last.ckpt")
     theirs = LatentDiffusionPipeline.from_checkpoint(tmp_path / "last.ckpt", config=ours.cfg)
     theirs.codec.scale_factor = ours.codec.scale_factor  # scale_by_std: the factor lives in the run's metadata
-    a = ours.sample([1, 7], steps=4, guidance=2.0, seed=3)
-    b = theirs.sample([1, 7], steps=4, guidance=2.0, seed=3)
+    a = ours.sample(class_label=[1, 7], steps=4, guidance=2.0, seed=3)
+    b = theirs.sample(class_label=[1, 7], steps=4, guidance=2.0, seed=3)
     assert torch.equal(a, b)
     # a class-conditional model trained without a null class (LD's cin-ldm-vq-f8): no guidance, labels required
     import copy
@@ -38,9 +38,9 @@ def test_lightning_ckpt_of_a_run_samples_the_same_images(tiny_run: Path, tmp_pat
     no_null = copy.deepcopy(ours.cfg)
     no_null.conditioning.n_classes, no_null.conditioning.null_class = 11, False  # same 11-row table
     plain = LatentDiffusionPipeline.from_checkpoint(tmp_path / "last.ckpt", config=no_null)
-    assert plain.sample([1, 7], steps=2, guidance=1.0, seed=0).shape == a.shape
+    assert plain.sample(class_label=[1, 7], steps=2, guidance=1.0, seed=0).shape == a.shape
     with pytest.raises(ValueError, match="no null class"):
-        plain.sample([1], steps=2, guidance=3.0)
+        plain.sample(class_label=[1], steps=2, guidance=3.0)
     with pytest.raises(ValueError, match="give class labels"):
         plain.sample(n=2, steps=2)
     # `load` tells the two kinds of file apart
@@ -73,15 +73,15 @@ def test_text_model_tokenizes_like_bert_and_prompts_steer_samples(bert_ckpt) -> 
     assert ids[0, :7].tolist() == [101, 1037, 6302, 1997, 1037, 4937, 102]  # bert-base-uncased WordPiece ids
     assert int(ids[0, 7:].abs().sum()) == 0
     kw = dict(steps=3, guidance=4.0, seed=5)
-    cat = pipe.sample(prompts=["a cat", "a cat"], **kw)
+    cat = pipe.sample(prompt=["a cat", "a cat"], **kw)
     assert cat.shape == (2, 1, 32, 32) and bool(((cat >= -1) & (cat <= 1)).all())
-    assert torch.equal(cat, pipe.sample(prompts=["a cat", "a cat"], **kw))
-    dog = pipe.sample(prompts=["a dog", "a cat"], **kw)
+    assert torch.equal(cat, pipe.sample(prompt=["a cat", "a cat"], **kw))
+    dog = pipe.sample(prompt=["a dog", "a cat"], **kw)
     assert not torch.allclose(dog[0], cat[0]) and torch.allclose(dog[1], cat[1], atol=1e-6)
-    neg = pipe.sample(prompts=["a cat", "a cat"], negative_prompt="blurry", **kw)
+    neg = pipe.sample(prompt=["a cat", "a cat"], negative_prompt="blurry", **kw)
     assert not torch.allclose(neg, cat)
     with pytest.raises(ValueError, match="takes no class labels"):
-        pipe.sample([1], steps=2)
+        pipe.sample(class_label=[1], steps=2)
     with pytest.raises(ValueError, match="give prompts"):
         pipe.sample(n=2, steps=2)
     with pytest.raises(ValueError, match="prompts must be strings"):
@@ -128,12 +128,12 @@ def test_sd1_style_checkpoint_samples_from_a_prompt_with_the_clip_text_model(tmp
     assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert bool((ids[0, 7:] == 49407).all())  # SD 1.x pads with the end token
     kw = dict(steps=2, guidance=7.5, seed=1)
-    a = pipe.sample(prompts=["a photo of a cat"], **kw)
-    b = pipe.sample(prompts=["an oil painting of a ship"], **kw)
+    a = pipe.sample(prompt=["a photo of a cat"], **kw)
+    b = pipe.sample(prompt=["an oil painting of a ship"], **kw)
     assert a.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
     pipe.cfg.conditioning.key = "hybrid"  # an inpainting model needs its image and mask: said, not crashed
     with pytest.raises(ValueError, match="inpainting model: give an image and a mask"):
-        pipe.sample(prompts=["x"], steps=1)
+        pipe.sample(prompt=["x"], steps=1)
     pipe.cfg.conditioning.key = None
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(to_dict(cfg)))

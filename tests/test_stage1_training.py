@@ -104,7 +104,7 @@ def test_latent_diffusion_on_a_vq_first_stage(tmp_path: Path) -> None:
 
     pipe = LatentDiffusionPipeline.from_pretrained(run)
     assert isinstance(pipe.codec.autoencoder, VQModel)
-    images = pipe.sample([1, 2], steps=3, seed=0)
+    images = pipe.sample(class_label=[1, 2], steps=3, seed=0)
     assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
 
 
@@ -138,7 +138,7 @@ def test_stage_two_trains_on_a_finished_first_stage_run(tmp_path: Path) -> None:
     assert saved["autoencoder"] == json.loads((ae_run / "config.json").read_text())["autoencoder"]
     from ldmkit.pipeline import LatentDiffusionPipeline
 
-    images = LatentDiffusionPipeline.from_pretrained(run).sample([3], steps=2, seed=0)
+    images = LatentDiffusionPipeline.from_pretrained(run).sample(class_label=[3], steps=2, seed=0)
     assert images.shape == (1, 1, 32, 32)
     with pytest.raises(FileNotFoundError, match="first_stage: no autoencoder"):
         train_ldm(load_config("mnist_tiny", {"first_stage": str(tmp_path / "none")}), tmp_path / "x",

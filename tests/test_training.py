@@ -34,13 +34,13 @@ def test_run_directory_holds_checkpoints_and_samples(tiny_run):
     assert state["step"] == 150 and meta["scale_factor"] > 0
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_run)
     assert pipe.n_classes == 10
-    a = pipe.sample([0, 1, 2], steps=5, guidance=2.0, seed=3)
-    b = pipe.sample([0, 1, 2], steps=5, guidance=2.0, seed=3)
+    a = pipe.sample(class_label=[0, 1, 2], steps=5, guidance=2.0, seed=3)
+    b = pipe.sample(class_label=[0, 1, 2], steps=5, guidance=2.0, seed=3)
     assert a.shape == (3, 1, 32, 32) and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
-    assert not torch.equal(a, pipe.sample([0, 1, 2], steps=5, guidance=2.0, seed=4))
+    assert not torch.equal(a, pipe.sample(class_label=[0, 1, 2], steps=5, guidance=2.0, seed=4))
     with pytest.raises(ValueError, match="out of range"):
-        pipe.sample([10], steps=5)
+        pipe.sample(class_label=[10], steps=5)
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from conftest import shape_picture
 from ldmkit.latent import LatentCodec
 from ldmkit.latent_tiling import tile_layout, tiled_apply
 from ldmkit.models.autoencoder_kl import AutoencoderConfig, AutoencoderKL
-from ldmkit.pipeline_io import image_tensor
+from ldmkit.pipeline.images import image_tensor
 
 
 def _pointwise_decoder(f: int):  # noqa: ANN202

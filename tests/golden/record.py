@@ -45,20 +45,19 @@ PRESETS = {
 
 def sample(preset: str, run: Path, overrides: dict) -> dict[str, torch.Tensor]:
     from ldmkit.config import load_config
+    from ldmkit.data.datasets import load_task_data
     from ldmkit.data.degradations import bicubic_downsample
     from ldmkit.data.masks import box_mask
     from ldmkit.pipeline import LatentDiffusionPipeline
-
-    from ldmkit.data.datasets import load_task_data
     pipe = LatentDiffusionPipeline.from_checkpoint(run)
     data = load_task_data(load_config(preset, overrides), "test")
     x = data.images[:2]
     out: dict[str, torch.Tensor] = {}
     if preset == "mnist_tiny":
-        out["class"] = pipe.sample([3, 7], steps=4, seed=0)
-        out["class_eta1"] = pipe.sample([1, 2], steps=4, seed=1, eta=1.0, sampler="ddim")
-        out["img2img"] = pipe.sample([3, 7], image=x, strength=0.5, steps=4, seed=2)
-        out["mask"] = pipe.sample([3, 7], image=x, mask=box_mask(2, 32, 32, generator=torch.Generator()
+        out["class"] = pipe.sample(class_label=[3, 7], steps=4, seed=0)
+        out["class_eta1"] = pipe.sample(class_label=[1, 2], steps=4, seed=1, eta=1.0, sampler="ddim")
+        out["img2img"] = pipe.sample(class_label=[3, 7], image=x, strength=0.5, steps=4, seed=2)
+        out["mask"] = pipe.sample(class_label=[3, 7], image=x, mask=box_mask(2, 32, 32, generator=torch.Generator()
                                                                  .manual_seed(0)), steps=4, seed=3)
         imgs = pipe(class_label=[4], n=2, steps=4, seed=5).images
         out["call"] = torch.stack([torch.tensor(list(im.getdata())) for im in imgs])
@@ -70,9 +69,9 @@ def sample(preset: str, run: Path, overrides: dict) -> dict[str, torch.Tensor]:
     elif preset == "mnist_semantic":
         out["semantic"] = pipe.sample(segmap=data.segmaps[:2], steps=4, seed=0)
     elif preset == "mnist_layout":
-        out["layout"] = pipe.sample(layouts=data.layouts[:2], steps=4, seed=0, guidance=2.0)
+        out["layout"] = pipe.sample(layout=data.layouts[:2], steps=4, seed=0, guidance=2.0)
     else:
-        out["text"] = pipe.sample(prompts=["red heart", "a cat"], steps=4, seed=0, guidance=3.0)
+        out["text"] = pipe.sample(prompt=["red heart", "a cat"], steps=4, seed=0, guidance=3.0)
     return out
 
 

@@ -23,7 +23,7 @@ def _parse_classes(text: str | None, n_classes: int) -> list[int] | None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from ..pipeline import LatentDiffusionPipeline
-    from ..pipeline_io import image_tensor, index_map, mask_tensor
+    from ..pipeline.images import image_tensor, index_map, mask_tensor
 
     _check_sample_args(args)
     prompts = _read_prompts(args)
@@ -137,7 +137,7 @@ def _next_index(folder: Path, prefix: str = "") -> int:
 
 
 def _parse_layout(text: str) -> list[tuple[int, float, float, float, float]]:
-    from ..pipeline_io import parse_layout
+    from ..pipeline.images import parse_layout
 
     try:
         return parse_layout(text)

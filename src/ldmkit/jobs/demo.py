@@ -105,14 +105,14 @@ def run_demo(
     # the grid: one row per class
     t0 = time.perf_counter()
     grid_classes = [c for c in range(10) for _ in range(8)]
-    grid = pipe.sample(grid_classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=0)
+    grid = pipe.sample(class_label=grid_classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=0)
     grid_seconds = time.perf_counter() - t0
     save_grid(grid, run_dir / "samples.png", nrow=8, scale=2)
 
     # the metrics: samples_per_class per class, another seed
     t0 = time.perf_counter()
     classes = [c for c in range(10) for _ in range(samples_per_class)]
-    samples = pipe.sample(classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=1)
+    samples = pipe.sample(class_label=classes, steps=sc.steps, guidance=sc.guidance, eta=sc.eta, seed=1)
     sample_seconds = time.perf_counter() - t0
     timings["sampling"] = round(grid_seconds + sample_seconds, 1)
     tpath.write_text(json.dumps(timings, indent=2))

@@ -48,7 +48,7 @@ def sample_to_folder(pipe: LatentDiffusionPipeline, out_dir: Path, n: int, *, ba
         if all((out_dir / f"{i:06d}.png").exists() for i in range(start, stop)):
             continue  # written by an earlier, interrupted evaluation
         classes = labels[start:stop].tolist() if labels is not None else None
-        x = pipe.sample(classes, n=None if classes else stop - start, batch_size=batch, seed=seed + b,
+        x = pipe.sample(class_label=classes, n=1 if classes else stop - start, batch_size=batch, seed=seed + b,
                         **(options or {}))
         for i, arr in zip(range(start, stop), to_uint8(x), strict=True):
             tmp = out_dir / f"{i:06d}.png.tmp"

@@ -20,7 +20,8 @@ from PIL import Image
 from ..conditioning import kind_of
 from ..diffusion.samplers.registry import resolve_sampler
 from ..pipeline import LatentDiffusionPipeline
-from ..pipeline_io import Generation, index_map, mask_tensor, parse_layout
+from ..pipeline.generation import Generation
+from ..pipeline.images import index_map, mask_tensor, parse_layout
 
 TASKS = {
     "generate": "Generate",

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from .latent import LatentCodec
-from .ldm.build import LDMParts
-from .ldm.conditioned_unet import ConditionedUNet
+from ..latent import LatentCodec
+from ..ldm.build import LDMParts
+from ..ldm.conditioned_unet import ConditionedUNet
 
 S = TypeVar("S", bound="SpeedSwitches")
 
@@ -67,7 +67,7 @@ class SpeedSwitches:
         once, on its first call, then every step is one launch. Same outputs as eager; on a GPU at small batch,
         where a step is bound by kernel launches, it is the largest speed-up (README, GPU table). Needs a CUDA
         device; calls on the CPU still run eagerly. `enable=False` drops the graphs and their memory."""
-        from .nn.cuda_graph import CUDAGraphRunner
+        from ..nn.cuda_graph import CUDAGraphRunner
 
         if not enable:
             self.net.unet_runner = None
@@ -88,7 +88,7 @@ class SpeedSwitches:
         staying in the heap between the UNet steps and the decode: SD sampling at 512 px peaks 0.2 GiB lower
         (README, Stable Diffusion memory). Same results; it switches the allocator of the whole process, and does
         nothing where the C library is not glibc."""
-        from .nn.host_memory import return_freed_memory_to_os
+        from ..nn.host_memory import return_freed_memory_to_os
 
         return_freed_memory_to_os()
         return self
