@@ -1,7 +1,7 @@
 """The performance suite (issue 9) in one command: every benchmark script in turn, its tables printed as they come.
 
 Each script measures its ratios side by side within its own run (absolute times drift on a shared machine) and is
-run here as a child process with the settings the README quotes, shortened where a full run would not fit the
+run here as a child process with the settings docs/ quotes, shortened where a full run would not fit the
 suite's 20 minutes. `--quick` runs every script's own `--quick` mode: tiny models, seconds each, no timing
 meaning (the CI smoke test). `--only NAME ...` picks scripts.
 
@@ -34,10 +34,10 @@ SUITE: list[tuple[str, list[str], str]] = [
     ("sd_sampling_memory", [], "peak memory of SD-size sampling at 512 px"),
     ("sd_sampling_memory", ["--low-cpu-memory"], "the same with Pipeline.enable_low_cpu_memory"),
     # pixels against f = 4 only, 120 CPU s each: 60 s for all four factors taught none of them anything; the plot
-    # goes under runs/ so that the README's figure (--budget 300, all four factors, about 45 minutes) stays
+    # goes under runs/ so that the docs' figure (--budget 300, all four factors, about 45 minutes) stays
     ("latent_vs_pixel", ["--factors", "1", "4", "--budget", "120", "--n-train", "20000", "--threads", "1",
                          "--plot", "runs/latent_vs_pixel/suite.png"],
-     "the paper's Fig. 6 on MNIST: pixels vs f=4, 120 CPU s each (the README's figure: --budget 300, all f)"),
+     "the paper's Fig. 6 on MNIST: pixels vs f=4, 120 CPU s each (the docs' figure: --budget 300, all f)"),
     ("gpu", [], "SD-size UNet on a CUDA device (says so and exits when there is none)"),
 ]
 

@@ -38,6 +38,29 @@ def train(tmp_path_factory: pytest.TempPathFactory, preset: str, **extra: object
     return LatentDiffusionPipeline.from_pretrained(run), load_task_data(cfg, "test"), run
 
 
+def same_noise_other_condition(pipe: LatentDiffusionPipeline, one: dict[str, Any], other: dict[str, Any],
+                               **kw: Any) -> float:
+    """Mean |difference| of two samples drawn from the same noise under two conditions.
+
+    Each call samples one image with the same seed: the same x_T and sampler noise (a batch draws its items'
+    noise from one generator in turn, so item 0 and item 1 of a batch never share it). A model that ignored its
+    condition would give 0 here, which is checked: with the UNet's cross-attention context zeroed (a
+    condition-blind model) the two conditions give bit-identical pictures.
+    """
+    a = pipe.sample(**one, **kw)
+    assert torch.equal(a, pipe.sample(**one, **kw))  # the same seed and condition: the same picture
+    b = pipe.sample(**other, **kw)
+    unet = pipe.net.unet
+    forward = unet.forward
+    unet.forward = lambda x, t, context=None: forward(x, t, context=torch.zeros_like(context))
+    try:
+        blind = pipe.sample(**one, **kw), pipe.sample(**other, **kw)
+    finally:
+        del unet.forward  # the instance attribute: the class's forward again
+    assert torch.equal(*blind)  # the noise is the same: only the condition can tell a from b
+    return float((a - b).abs().mean())
+
+
 @pytest.fixture(scope="module")
 def sr(tmp_path_factory):
     return train(tmp_path_factory, "mnist_sr")
@@ -253,11 +276,11 @@ def test_pipeline_call_takes_pictures_for_every_task(sr, inpaint, semantic, layo
     out = pipe(lowres=low, n=2, seed=0, steps=3)
     assert [im.size for im in out.images] == [(32, 32)] * 2 and out.seeds == [0, 1]
     assert same(out.images[1], pipe(lowres=low, seed=1, steps=3).images[0])
-    from ldmkit.ui.service import Request, Service
+    from ldmkit.ui.service import PageRequest, Service
 
     web = Service(pipe)  # the web page's super-resolution tab: the only one an SR model offers
     assert web.tasks == ["upscale"]
-    page_out, _ = web.run(Request("upscale", lowres=low.convert("RGB"), steps=3, seed=1, guidance=1))
+    page_out, _ = web.run(PageRequest("upscale", lowres=low.convert("RGB"), steps=3, seed=1, guidance=1))
     assert same(page_out.images[0], out.images[1])
 
     pipe, data, _ = inpaint
@@ -276,7 +299,7 @@ def test_pipeline_call_takes_pictures_for_every_task(sr, inpaint, semantic, layo
     assert out.images[0].size == (64, 64)
     web = Service(pipe)
     assert web.tasks == ["segmap"]
-    page_out, _ = web.run(Request("segmap", segmap=Image.fromarray(big), steps=3, seed=0, guidance=1))
+    page_out, _ = web.run(PageRequest("segmap", segmap=Image.fromarray(big), steps=3, seed=0, guidance=1))
     assert same(page_out.images[0], out.images[0])
 
     pipe, data, _ = layout

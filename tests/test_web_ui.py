@@ -43,15 +43,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(text_run, tmp_path_factory):
+def gradio_dir(tmp_path_factory) -> Path:
+    """The server's own folder for uploads and results (not a /tmp/gradio that earlier runs have filled)."""
+    return tmp_path_factory.mktemp("gradio")
+
+
+@pytest.fixture(scope="module")
+def server(text_run, gradio_dir):
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         _need("gradio (pip install 'ldmkit[ui]')")
     port = _free_port()
-    # uploads and results go to a folder of this run's own, not a /tmp/gradio that earlier runs have filled
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+           "GRADIO_TEMP_DIR": str(gradio_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "ldmkit.cli.main", "serve", "--checkpoint", str(text_run),
                              "--port", str(port), "--max-steps", "20", "--max-images", "2",
                              "--low-cpu-memory"],  # the first test compares its pictures with a pipeline without it
@@ -145,7 +150,19 @@ def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.3)
 
 
-def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path, text_run):
+def _painted_layers(folder: Path) -> list[np.ndarray]:
+    """The brush layers the page uploaded to the server: RGBA pictures, transparent except for the strokes."""
+    layers = []
+    for path in sorted(folder.rglob("*.png"), key=lambda p: p.stat().st_mtime_ns):
+        im = Image.open(path)
+        if im.mode == "RGBA":
+            alpha = np.asarray(im.getchannel("A"))
+            if (alpha == 0).any() and (alpha > 0).any():
+                layers.append(alpha)
+    return layers
+
+
+def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path, text_run, gradio_dir):
     picture = tmp_path / "picture.png"
     Image.new("RGB", (32, 32), (30, 60, 200)).save(picture)
     page = _open(browser, server)
@@ -191,10 +208,16 @@ def test_inpainting_with_a_mask_painted_in_the_browser(server, browser, tmp_path
     _fill(page, "inpaint", prompt="a yellow square", steps=6, seed=3)
     page.locator("#inpaint-run").click()
     out = _result(page, "inpaint")[0].astype(int)
-    changed = np.abs(out - np.array(blue)).sum(-1) > 30
-    # the painted band was filled; the rest of the picture is kept exactly (pasted back)
-    assert 0.02 < changed.mean() < 0.9, changed.mean()
-    assert not changed[:4].any() and not changed[-4:].any()
+    # the painted region as the service reads it: every pixel a brush layer covers (alpha > 0), resized to the
+    # picture by nearest neighbour (ui.service: no blur, no dilation of the mask)
+    layers = _painted_layers(gradio_dir)
+    assert layers, f"no brush layer among the uploads: {sorted(p.name for p in gradio_dir.rglob('*.png'))}"
+    alpha = layers[-1]
+    painted = np.asarray(Image.fromarray(alpha).resize(out.shape[1::-1], Image.Resampling.NEAREST)) > 0
+    assert 0.02 < painted.mean() < 0.9, painted.mean()  # one stroke across the middle
+    # every pixel outside the painted region is the uploaded picture's, exactly (pasted back); inside, new paint
+    assert np.array_equal(out[~painted], np.broadcast_to(np.array(blue), out[~painted].shape))
+    assert np.abs(out[painted] - np.array(blue)).sum(-1).mean() > 30
     page.close()
 
 
@@ -235,12 +258,12 @@ def service(tiny_run):
 
 
 def test_service_offers_the_model_tasks_and_enforces_limits(service):
-    from ldmkit.ui.service import Request, RequestError
+    from ldmkit.ui.service import PageRequest, RequestError
 
     assert service.tasks == ["generate", "img2img", "inpaint"] and service.multiple == 8
-    out, info = service.run(Request("generate", class_label="3", steps=3, seed=4, n=2))
+    out, info = service.run(PageRequest("generate", class_label="3", steps=3, seed=4, n=2))
     assert out.seeds == [4, 5] and "seeds 4..5" in info and [p["class_label"] for p in out.parameters] == [3, 3]
-    out, _ = service.run(Request("generate", steps=2, seed=-1))  # -1: a fresh random seed, reported
+    out, _ = service.run(PageRequest("generate", steps=2, seed=-1))  # -1: a fresh random seed, reported
     assert 0 <= out.seeds[0] < 2**31 - 1
     cases = [
         (Request("generate", steps=11), "steps must be a whole number between 1 and 10"),
@@ -263,16 +286,16 @@ def test_service_offers_the_model_tasks_and_enforces_limits(service):
 
 
 def test_service_inpaints_the_painted_strokes_and_resizes_odd_pictures(service):
-    from ldmkit.ui.service import Request, RequestError
+    from ldmkit.ui.service import PageRequest, RequestError
 
     picture = Image.new("RGBA", (30, 30), (0, 0, 0, 255))  # resized down to 24 px, the model's multiple
     layer = Image.new("RGBA", (30, 30), (0, 0, 0, 0))
     with pytest.raises(RequestError, match="the mask is empty"):
-        service.run(Request("inpaint", steps=2, image={"background": picture, "layers": [layer]}))
+        service.run(PageRequest("inpaint", steps=2, image={"background": picture, "layers": [layer]}))
     layer.paste((255, 255, 255, 255), (10, 10, 20, 20))
-    out, _ = service.run(Request("inpaint", steps=3, seed=0, image={"background": picture, "layers": [layer]}))
+    out, _ = service.run(PageRequest("inpaint", steps=3, seed=0, image={"background": picture, "layers": [layer]}))
     got = np.asarray(out.images[0]).astype(int)
     assert got.shape == (24, 24)
     assert got[:6].max() == 0 and got[-6:].max() == 0  # outside the strokes the black picture is kept
-    out, _ = service.run(Request("img2img", steps=3, seed=0, image=Image.new("L", (41, 40)), strength=0.5))
+    out, _ = service.run(PageRequest("img2img", steps=3, seed=0, image=Image.new("L", (41, 40)), strength=0.5))
     assert out.images[0].size == (40, 40)

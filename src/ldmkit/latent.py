@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .diffusion.noise import Generators
 from .latent_tiling import tiled_apply
 from .models.autoencoder_kl import AutoencoderKL
 from .models.distributions import DiagonalGaussianDistribution
@@ -107,9 +108,10 @@ class LatentCodec(nn.Module):
     def scale(self, z: Tensor) -> Tensor:
         return z * self.scale_factor
 
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, x: Tensor, generator: Generators = None) -> Tensor:
         """Scaled latent z = s * (mean + std * noise), as LDM's `get_first_stage_encoding`; for a VQ first
-        stage the deterministic pre-quantisation latent (LDM's VQModelInterface.encode)."""
+        stage the deterministic pre-quantisation latent (LDM's VQModelInterface.encode). The noise comes from
+        `generator`, or one generator per image (`diffusion.noise.randn`)."""
         if isinstance(self.autoencoder, VQModel):
             return self.scale(self._encoded(self.autoencoder.encode, x))
         return self.scale(self.posterior(x).sample(generator))

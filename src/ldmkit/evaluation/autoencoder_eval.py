@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..models.autoencoder_kl import AutoencoderKL
+from ..models.identity import IdentityFirstStage
 from ..models.vq import VQModel
 from .frechet import frechet_distance_from_features
 from .image_metrics import mse, psnr
@@ -106,7 +107,7 @@ def reconstruction_metrics(
 
 @torch.no_grad()
 def evaluate_autoencoder(
-    autoencoder: AutoencoderKL | VQModel,
+    autoencoder: AutoencoderKL | VQModel | IdentityFirstStage,
     images: Tensor,
     feature_fn: FeatureFn | None = None,
     batch_size: int = 64,
@@ -126,6 +127,8 @@ def evaluate_autoencoder(
 
     The model runs in eval mode (its previous mode is restored afterwards) on ``device`` (default: the
     device of its parameters); ``feature_fn`` receives images and reconstructions on that device.
+    The identity first stage of a pixel-space model (what training one returns) has nothing to measure: it
+    is refused with a TypeError.
 
     Examples::
 

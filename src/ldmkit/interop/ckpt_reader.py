@@ -18,6 +18,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,8 @@ def _inert_class(name: str) -> type:
     return type(name.rsplit(".", 1)[-1], (InertObject,), {"__module__": "ldmkit.interop.inert", "original": name})
 
 
-_INERT = [(_inert_class(n), n) for n in INERT_GLOBALS]
+# typed as torch.serialization.safe_globals takes it (a list is invariant, so list[tuple[type, str]] would not do)
+_INERT: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [(_inert_class(n), n) for n in INERT_GLOBALS]
 
 
 @dataclass
@@ -158,14 +160,17 @@ def _pickle_globals(data: bytes) -> list[str]:
                 elif name == "MEMOIZE":
                     memo[len(memo)] = top
                 elif name in _PUT_OPS:
+                    assert arg is not None  # every PUT op carries its memo index, an int
                     memo[int(arg)] = top
                 elif name in _GET_OPS:
+                    assert arg is not None  # and every GET op the index it reads
                     top = memo.get(int(arg))
                     if top is not None:
                         strings.append(top)
                 else:
                     top = None
                 if name == "STOP":
+                    assert at is not None  # genops gives each opcode's offset when its stream can tell (BytesIO can)
                     end = pos + at + 1
         except Exception:  # noqa: BLE001  (past the pickles: raw storage bytes, or a damaged file)
             break

@@ -93,6 +93,7 @@ def load_ldm_checkpoint(
     parts = split_checkpoint(raw.tensors)
     if config is None:
         variant = detect_variant(parts, path)
+        assert variant.preset is not None  # detection names a preset or raises UnknownCheckpointError
         cfg = load_config(variant.preset)
     else:
         cfg = resolve_config(config)
@@ -138,6 +139,7 @@ def load_first_stage_checkpoint(
     if isinstance(config, AutoencoderConfig):
         ae_cfg = config
     else:
+        assert variant.preset is not None  # detect_first_stage always names a preset
         ae_cfg = load_first_stage_config(config if config is not None else variant.preset)
     model = VQModel(ae_cfg) if ae_cfg.kind == "vq" else AutoencoderKL(ae_cfg)
     load_parts_strict([("first stage", model, state)], f"{path}")

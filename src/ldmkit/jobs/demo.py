@@ -50,7 +50,8 @@ def _timed(timings: dict[str, float], path: Path, name: str, fn: Callable[[], An
 @torch.no_grad()
 def autoencoder_psnr(codec: LatentCodec, images: torch.Tensor, batch_size: int = 500) -> float:
     """Mean PSNR (dB, [0, 1] range) of posterior-mode reconstructions."""
-    ae = codec.autoencoder.eval().to(memory_format=torch.channels_last)  # faster CPU convolutions
+    # faster CPU convolutions; torch's stubs lack Module.to's memory_format keyword, which it takes at run time
+    ae = codec.autoencoder.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     try:
         vals = [psnr(ae.decode(ae.encode(x.contiguous(memory_format=torch.channels_last)).mode()).clamp(-1, 1), x)
                 for x in images.split(batch_size)]

@@ -58,7 +58,10 @@ def sample_to_folder(pipe: LatentDiffusionPipeline, out_dir: Path, n: int, *, ba
     arrays = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png")) for i in range(n)])
     if arrays.ndim == 3:
         arrays = arrays[..., None]  # [N, H, W] -> [N, H, W, 1]
-    np.savez(out_dir / "samples.npz", arr_0=arrays, **({"labels": labels.numpy()} if labels is not None else {}))
+    if labels is not None:
+        np.savez(out_dir / "samples.npz", arr_0=arrays, labels=labels.numpy())
+    else:
+        np.savez(out_dir / "samples.npz", arr_0=arrays)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1  # what the PNGs hold
     return images, labels
 

@@ -21,7 +21,7 @@ from ..models.unet import UNetModel
 from ..models.vq import VQModel
 from .checkpoint import compare_state
 
-FirstStage = AutoencoderKL | VQModel | IdentityFirstStage
+AnyFirstStage = AutoencoderKL | VQModel | IdentityFirstStage
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -34,14 +34,14 @@ def build_schedule(cfg: LDMConfig) -> NoiseSchedule:
     return NoiseSchedule.make(s.kind, s.num_timesteps, s.linear_start, s.linear_end)
 
 
-def build_first_stage(config: AutoencoderConfig) -> FirstStage:
+def build_first_stage(config: AutoencoderConfig) -> AnyFirstStage:
     """The first stage an AutoencoderConfig describes: KL, VQ, or the identity (pixel space, f = 1)."""
     if config.kind == "identity":
         return IdentityFirstStage(config)
     return VQModel(config) if config.kind == "vq" else AutoencoderKL(config)
 
 
-def build_autoencoder(cfg: LDMConfig) -> FirstStage:
+def build_autoencoder(cfg: LDMConfig) -> AnyFirstStage:
     return build_first_stage(cfg.autoencoder)
 
 
@@ -64,7 +64,7 @@ class LDMParts:
     """The modules of a latent diffusion model, as a checkpoint holds them."""
 
     unet: UNetModel
-    autoencoder: FirstStage
+    autoencoder: AnyFirstStage
     conditioner: nn.Module | None
     schedule: NoiseSchedule
     ema_unet: UNetModel | None = None  # written as LitEma `model_ema.*` shadows when present

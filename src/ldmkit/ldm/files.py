@@ -19,7 +19,7 @@ from .build import (
     COND_STAGE_PREFIX,
     FIRST_STAGE_PREFIX,
     UNET_PREFIX,
-    FirstStage,
+    AnyFirstStage,
     LDMParts,
     build_autoencoder,
     build_conditioner,
@@ -97,7 +97,7 @@ def load_ldm(path: str | Path) -> LDMFile:
     return LDMFile(cfg, parts, float(meta["scale_factor"]), tensors)
 
 
-def load_autoencoder(path: str | Path) -> FirstStage:
+def load_autoencoder(path: str | Path) -> AnyFirstStage:
     """Load a first stage written by `training.autoencoder.train_autoencoder` (config from the file's metadata)."""
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") not in ("autoencoder", "autoencoder_kl"):

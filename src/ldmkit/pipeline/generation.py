@@ -83,7 +83,7 @@ class Generation:
         if self.tensors is None:
             raise ValueError("this Generation holds no image tensors to tile")
         img = to_pil(make_grid(self.tensors, nrow)[None])[0]
-        return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+        return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST) if scale > 1 else img
 
     def save_grid(self, path: str | Path, nrow: int, scale: int = 1) -> Path:
         """Write the grid as PNG; its parameters are the first image's, with every seed listed."""

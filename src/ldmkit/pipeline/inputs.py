@@ -191,7 +191,7 @@ def gather(cfg: LDMConfig, *, prompt: str | Sequence[str] | None, class_label: i
         given["classes"] = ([int(class_label)] if isinstance(class_label, int)
                             else [int(c) for c in class_label])
     if layout is not None:
-        given["layouts"] = [layout] if _is_one_layout(layout) else list(layout)  # type: ignore[list-item]
+        given["layouts"] = [layout] if _is_one_layout(layout) else list(layout)
     convert = {"segmap": index_map, "mask": mask_tensor,
                "lowres": lambda v, what: image_tensor(v, channels, what),
                "image": lambda v, what: image_tensor(v, channels, what)}
@@ -211,9 +211,17 @@ def gather(cfg: LDMConfig, *, prompt: str | Sequence[str] | None, class_label: i
     joined = {name: torch.cat(v) if v and all(isinstance(x, Tensor) for x in v) else v for name, v in per.items()}
     extra = {name: joined[name] for name in conditions}
     inputs = SampleInputs(per.get("classes"), per.get("prompts"), negative_prompt, per.get("layouts"),
-                          joined.get("segmap"), joined.get("lowres"), joined.get("image"), joined.get("mask"),
+                          _picture_batch(joined, "segmap"), _picture_batch(joined, "lowres"),
+                          _picture_batch(joined, "image"), _picture_batch(joined, "mask"),
                           strength, None if per else k * n, extra)
     return inputs, per
+
+
+def _picture_batch(joined: dict[str, Tensor | list[Any]], name: str) -> Tensor | None:
+    """A picture input's samples joined into one batch tensor, or None when it was not given."""
+    batch = joined.get(name)
+    assert batch is None or isinstance(batch, Tensor), name  # each picture was converted to a tensor above
+    return batch
 
 
 def _entries(value: Any, batch_rank: int) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Speed and memory switches of the inference pipeline, each measured in benchmarks/ (README, Performance).
+"""Speed and memory switches of the inference pipeline, each measured in benchmarks/ (docs/performance.md).
 
 None changes what is computed beyond float rounding, except VAE tiling, whose cost in quality
 `latent_tiling.py` describes. The pipeline inherits them; they only touch its UNet (`parts.unet`) and its
@@ -52,12 +52,13 @@ class SpeedSwitches:
     def to_channels_last(self: S) -> S:
         """UNet and autoencoder weights in channels_last (NHWC) memory format; same results."""
         for module in (self.parts.unet, self.codec):
-            module.to(memory_format=torch.channels_last)
+            # torch's stubs lack Module.to's memory_format keyword, which it takes at run time
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return self
 
     def compile(self: S, **options: Any) -> S:
         """`torch.compile` the UNet in place (keys unchanged). The first call then compiles for minutes on a
-        CPU; worth it for long GPU runs (see the README's GPU table), not for a few CPU samples."""
+        CPU; worth it for long GPU runs (docs/performance.md, the GPU table), not for a few CPU samples."""
         self.parts.unet.compile(**{"dynamic": False, **options})
         self._reset_cuda_graphs()
         return self
@@ -65,8 +66,8 @@ class SpeedSwitches:
     def enable_cuda_graphs(self: S, enable: bool = True, *, max_graphs: int = 4) -> S:
         """Replay the UNet's inference calls from CUDA graphs (`nn.cuda_graph`): each input shape is captured
         once, on its first call, then every step is one launch. Same outputs as eager; on a GPU at small batch,
-        where a step is bound by kernel launches, it is the largest speed-up (README, GPU table). Needs a CUDA
-        device; calls on the CPU still run eagerly. `enable=False` drops the graphs and their memory."""
+        where a step is bound by kernel launches, it is the largest speed-up (docs/performance.md, GPU table).
+        Needs a CUDA device; calls on the CPU still run eagerly. `enable=False` drops the graphs and their memory."""
         from ..nn.cuda_graph import CUDAGraphRunner
 
         if not enable:
@@ -86,8 +87,8 @@ class SpeedSwitches:
     def enable_low_cpu_memory(self: S) -> S:
         """Freed tensors go back to the operating system at once (glibc's malloc: `nn.host_memory`), instead of
         staying in the heap between the UNet steps and the decode: SD sampling at 512 px peaks 0.2 GiB lower
-        (README, Stable Diffusion memory). Same results; it switches the allocator of the whole process, and does
-        nothing where the C library is not glibc."""
+        (docs/performance.md, Stable Diffusion memory). Same results; it switches the allocator of the whole
+        process, and does nothing where the C library is not glibc."""
         from ..nn.host_memory import return_freed_memory_to_os
 
         return_freed_memory_to_os()

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .service import TASKS, Limits, Request, RequestError, Service
+from .service import TASKS, Limits, PageRequest, RequestError, Service
 
 
 def _gradio() -> Any:
@@ -47,7 +47,7 @@ def build_app(service: Service, *, queue_size: int = 16) -> Any:
 
 
 def _inputs(gr: Any, service: Service, task: str) -> dict[str, Any]:
-    """The widgets of one tab, named as `service.Request`'s fields; element ids are "<task>-<field>"."""
+    """The widgets of one tab, named as `service.PageRequest`'s fields; element ids are "<task>-<field>"."""
     f: dict[str, Any] = {}
     lim, d = service.limits, service.defaults
     if service.text:
@@ -93,7 +93,7 @@ def _handler(service: Service, task: str, names: list[str]) -> Any:
     gr = _gradio()
 
     def run(*values: Any, progress: Any = gr.Progress()) -> tuple[list[Any], str]:  # noqa: B008 (Gradio's API)
-        req = Request(task=task, **dict(zip(names, values, strict=True)))
+        req = PageRequest(task=task, **dict(zip(names, values, strict=True)))
         try:
             out, info = service.run(req, progress=lambda i, total: progress((i, total), unit="steps"))
         except RequestError as e:

@@ -52,7 +52,7 @@ class Limits:
 
 
 @dataclass
-class Request:
+class PageRequest:
     """One form submission, as the page sends it (numbers may arrive as floats or None)."""
 
     task: str
@@ -96,7 +96,7 @@ class Service:
         first = self.pipe.cfg.sampling.sampler
         return [first] + [s for s in MENU_SAMPLERS if s.lower() != first.lower() and _known(s)]
 
-    def run(self, req: Request, progress: Callable[[int, int], None] | None = None) -> tuple[Generation, str]:
+    def run(self, req: PageRequest, progress: Callable[[int, int], None] | None = None) -> tuple[Generation, str]:
         """Check `req` against the model and the limits, generate, and describe what was made."""
         if req.task not in self.tasks:
             raise RequestError(f"this model does not do {TASKS.get(req.task, req.task)!r}; it offers "
@@ -149,7 +149,7 @@ class Service:
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    def _condition(self, req: Request, kwargs: dict[str, Any]) -> None:
+    def _condition(self, req: PageRequest, kwargs: dict[str, Any]) -> None:
         if self.text:
             prompt = (req.prompt or "").strip()
             if not prompt:

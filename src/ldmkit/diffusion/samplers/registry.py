@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..noise import Generators
 from ..parameterization import Denoiser
 from ..schedules import NoiseSchedule
 from ..sigmas import SigmaDenoiser, discrete_sigma_grid, exponential_sigmas, karras_sigmas, sigma_to_t
@@ -114,14 +115,15 @@ def run_sampler(
     *,
     steps: int,
     eta: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     mask: Tensor | None = None,
     x0: Tensor | None = None,
     init: Tensor | None = None,
     strength: float = 1.0,
 ) -> Tensor:
-    """Sample with any registered sampler from unit Gaussian `noise`; returns x_0 (VP space).
+    """Sample with any registered sampler from unit Gaussian `noise`; returns x_0 (VP space). Fresh noise comes
+    from `generator`, or from one generator per batch item (`diffusion.noise.randn`).
 
     Inpainting (`mask`, `x0`): where mask == 1 the known x0 is kept. The discrete samplers re-noise it to
     every step (LDM's DDIM/PLMS `mask`/`x0`); the sigma samplers replace the denoiser's estimate by x0 there,
