@@ -166,8 +166,8 @@ def _weight_span(pipe: LatentDiffusionPipeline) -> int:
 
 def test_every_part_takes_the_files_tensors_instead_of_copying_them(tiny_run: Path, tmp_path: Path) -> None:
     """A copy of the autoencoder's or cond stage's weights would sit beside the memory-mapped file, whose pages
-    stay resident while the UNet uses them (SD at 512 px: 0.77 GiB more, docs/performance.md). Adopted, every weight lies
-    inside the one mapping of the file."""
+    stay resident while the UNet uses them (SD at 512 px: 0.77 GiB more, docs/performance.md). Adopted, every
+    weight lies inside the one mapping of the file."""
     ours = LatentDiffusionPipeline.from_pretrained(tiny_run)
     size = (tiny_run / "ldm.safetensors").stat().st_size
     assert ours.parts.conditioner is not None and _weight_span(ours) <= size
