@@ -266,19 +266,19 @@ def test_service_offers_the_model_tasks_and_enforces_limits(service):
     out, _ = service.run(PageRequest("generate", steps=2, seed=-1))  # -1: a fresh random seed, reported
     assert 0 <= out.seeds[0] < 2**31 - 1
     cases = [
-        (Request("generate", steps=11), "steps must be a whole number between 1 and 10"),
-        (Request("generate", steps=2.5), "steps must be a whole number"),
-        (Request("generate", n=4), "number of images must be a whole number between 1 and 3"),
-        (Request("generate", size=72), "size must be a whole number between 8 and 64"),
-        (Request("generate", size=36), "size must be a multiple of 8"),
-        (Request("generate", guidance=31), "guidance must be between 0 and 30"),
-        (Request("generate", class_label="12", steps=2), "class must be a whole number between 0 and 9"),
-        (Request("generate", sampler="dpm9"), "unknown sampler"),
-        (Request("img2img", steps=2), "upload the image first"),
-        (Request("img2img", steps=2, image=Image.new("L", (128, 128))), "at most 64 px"),
-        (Request("img2img", steps=2, image=Image.new("L", (32, 32)), strength=1.5), "strength must be in"),
-        (Request("inpaint", steps=2), "upload an image, then paint"),
-        (Request("upscale"), "does not do 'Super-resolution'"),
+        (PageRequest("generate", steps=11), "steps must be a whole number between 1 and 10"),
+        (PageRequest("generate", steps=2.5), "steps must be a whole number"),
+        (PageRequest("generate", n=4), "number of images must be a whole number between 1 and 3"),
+        (PageRequest("generate", size=72), "size must be a whole number between 8 and 64"),
+        (PageRequest("generate", size=36), "size must be a multiple of 8"),
+        (PageRequest("generate", guidance=31), "guidance must be between 0 and 30"),
+        (PageRequest("generate", class_label="12", steps=2), "class must be a whole number between 0 and 9"),
+        (PageRequest("generate", sampler="dpm9"), "unknown sampler"),
+        (PageRequest("img2img", steps=2), "upload the image first"),
+        (PageRequest("img2img", steps=2, image=Image.new("L", (128, 128))), "at most 64 px"),
+        (PageRequest("img2img", steps=2, image=Image.new("L", (32, 32)), strength=1.5), "strength must be in"),
+        (PageRequest("inpaint", steps=2), "upload an image, then paint"),
+        (PageRequest("upscale"), "does not do 'Super-resolution'"),
     ]
     for req, needle in cases:
         with pytest.raises(RequestError, match=needle):
