@@ -23,7 +23,7 @@ class InkEncoder(nn.Module):
         self.net = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, ink: torch.Tensor) -> torch.Tensor:
-        return self.net(ink)[:, None]  # [B, 1] -> [B, 1, D]: one context token
+        return self.net(10 * ink)[:, None]  # [B, 1] -> [B, 1, D]: one context token (digits hold 0.05 to 0.3)
 
 
 class Ink(ConditionKind):
