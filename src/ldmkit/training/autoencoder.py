@@ -18,16 +18,17 @@ images and noise come from a generator seeded by (seed, step, rank), see trainin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..config import FirstStageConfig, LDMConfig, to_dict
 from ..data.stream import ShardStream
-from ..ldm.build import build_autoencoder
+from ..ldm.build import build_first_stage
 from ..ldm.checkpoint import save_checkpoint
 from ..ldm.files import AUTOENCODER_FILE, load_autoencoder
+from ..models.ae_modules import Decoder
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.first_stage_loss import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator
 from ..models.identity import IdentityFirstStage
@@ -49,6 +50,16 @@ from .previews import preview_reconstructions
 
 STATE_FILE = "autoencoder_train.safetensors"
 FirstStageLoss = LPIPSWithDiscriminator | VQLPIPSWithDiscriminator
+
+
+class _StepLog(TypedDict, total=False):
+    """The extra scalars a step writes to the log (keyword arguments of Progress.update)."""
+
+    rec: float
+    d_loss: float
+    g_loss: float
+    usage: float
+    perplexity: float
 
 
 def build_perceptual(cfg: LDMConfig | FirstStageConfig) -> LPIPS | None:
@@ -88,7 +99,9 @@ def _ae_parameters(ae: nn.Module, loss: FirstStageLoss, learn_logvar: bool) -> l
 def first_stage_step(ae: nn.Module, loss_mod: FirstStageLoss, x: Tensor, step: int, optimizer_idx: int,
                      generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """One loss evaluation: (loss, log, reconstruction) for the autoencoder (0) or the discriminator (1)."""
-    last_layer = ae.decoder.conv_out.weight
+    # `ae` is an AutoencoderKL or a VQModel (identity first stages are never trained): both decode with
+    # ae_modules.Decoder, which nn.Module's attribute typing can't see
+    last_layer = cast(Decoder, ae.decoder).conv_out.weight
     if isinstance(ae, VQModel):
         rec, qloss, info = ae(x, generator=generator)
         loss, log = loss_mod(qloss, x, rec, optimizer_idx, step, last_layer=last_layer)
@@ -117,13 +130,13 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     if final.exists():
         return load_autoencoder(final)
     stream = images if isinstance(images, ShardStream) else None
-    if stream is None and (images.ndim != 4 or images.shape[1] != cfg.autoencoder.in_channels):
+    if not isinstance(images, ShardStream) and (images.ndim != 4 or images.shape[1] != cfg.autoencoder.in_channels):
         raise ValueError(f"expected images [N, {cfg.autoencoder.in_channels}, H, W], got {tuple(images.shape)}")
 
     d = dist if dist is not None else Dist()
     device = d.device(tc.device)
     micro, my_micros = micro_batches(tc.batch_size, tc.grad_accum, d)
-    ae = seeded_init(tc.seed, lambda: build_autoencoder(cfg)).to(device).train()
+    ae = seeded_init(tc.seed, lambda: build_first_stage(cfg.autoencoder)).to(device).train()
     loss_mod = build_first_stage_loss(cfg, build_perceptual(cfg)).to(device).train()
     opt_ae = torch.optim.Adam(_ae_parameters(ae, loss_mod, tc.learn_logvar), lr=tc.lr, betas=tc.betas, fused=True)
     opt_d = torch.optim.Adam(loss_mod.discriminator_parameters(), lr=tc.lr, betas=tc.betas)
@@ -155,7 +168,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
     bar = Progress(tc.steps, step, "autoencoder", run_dir / "autoencoder_log.jsonl", progress and d.is_main,
                    write=d.is_main, tb_dir=run_dir / "tb" if tc.tensorboard else None, running=loss_avg)
     ae_params = _ae_parameters(ae, loss_mod, tc.learn_logvar)
-    shown = None if stream is not None else images[:8]
+    shown = None if isinstance(images, ShardStream) else images[:8]
     while step < tc.steps:
         lr = lr_at(step, tc.steps, tc.lr * (d.world_size if tc.scale_lr else 1), tc.warmup_steps, tc.lr_min_ratio)
         set_lr(opt_ae, lr)
@@ -164,7 +177,8 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
         total, seen, logs = torch.zeros((), device=device), [], []
         for m in my_micros:
             gen = micro_generator(tc.seed, step, m)  # this micro-batch's images and posterior noise
-            x = (stream.take(micro)[0] if stream is not None else images[draw_batch(len(images), micro, gen)])
+            x = (images.take(micro)[0] if isinstance(images, ShardStream)
+                 else images[draw_batch(len(images), micro, gen)])
             x = x.to(device)
             if shown is None:
                 shown = x[:8].cpu()  # the reconstruction previews show the same images all run
@@ -178,7 +192,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
         average_gradients(ae_params, d)
         opt_ae.step()
         log = logs[-1]
-        extra = {"rec": float(log["train/rec_loss"])}
+        extra: _StepLog = {"rec": float(log["train/rec_loss"])}
         if step >= disc_start:  # the discriminator's turn on the same images (Lightning's optimizer_idx 1)
             opt_d.zero_grad(set_to_none=True)  # the generator's backward reached it too
             d_total = torch.zeros((), device=device)
@@ -200,6 +214,7 @@ def train_autoencoder(cfg: LDMConfig | FirstStageConfig, images: Tensor | ShardS
         step += 1
         bar.update(step, total.item(), lr, **extra)
         if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and d.is_main:
+            assert shown is not None  # set by this step's first micro-batch at the latest
             grid = preview_reconstructions(ae, shown)
             bar.image("reconstructions", grid, step, run_dir / "samples" / f"autoencoder_step{step:08d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from ..ldm.build import LDMParts, build_conditioner, build_schedule, build_unet
 from ..ldm.conditioned_unet import ConditionedUNet, is_frozen
 from ..ldm.files import LDM_FILE, save_ldm
 from ..models.distributions import DiagonalGaussianDistribution
+from ..models.unet import UNetModel
 from ..models.vq import VQModel
 from .distributed import Dist, barrier, gather_objects, mean_over_ranks, micro_batches, micro_generator
 from .ema import EMA
@@ -44,12 +46,14 @@ def encode_moments(codec: LatentCodec, images: Tensor, batch_size: int = 500) ->
     (mean | logvar) for a KL first stage, the deterministic pre-quantisation latents [N, C, h, w] for VQ."""
     codec.eval()
     device = next(codec.autoencoder.parameters()).device
-    codec.autoencoder.to(memory_format=torch.channels_last)  # faster CPU convolutions for this one pass
+    # faster CPU convolutions for this one pass; torch's stubs lack Module.to's memory_format keyword
+    codec.autoencoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     try:
         parts = [_encoding(codec, x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
                  for x in images.split(batch_size)]
     finally:
-        codec.autoencoder.to(memory_format=torch.contiguous_format)
+        # back to the default layout; the same stub gap as above
+        codec.autoencoder.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return torch.cat(parts).contiguous()
 
 
@@ -96,6 +100,7 @@ def train_diffusion(
     elif isinstance(labels, Tensor) or labels is None:
         if conditional and cfg.conditioning.kind != "class":
             raise ValueError(f"conditioning kind {cfg.conditioning.kind!r} needs a ConditionSource, not labels")
+        assert moments is not None  # without a stream the caller passes the moments (jobs.train)
         if conditional and (labels is None or len(labels) != len(moments)):
             raise ValueError("class-conditional training needs one label per image")
         null = torch.tensor(cfg.conditioning.n_classes)
@@ -170,6 +175,7 @@ def train_diffusion(
         for a, m in enumerate(my_micros):
             gen = micro_generator(tc.seed, step, m)  # this micro-batch's data, latents and noise
             if stream is None:
+                assert moments is not None  # without a stream the caller passes the moments (jobs.train)
                 idx = draw_batch(len(moments), micro, gen)
                 z = codec.scale(draw_latents(moments[idx], codec.latent_channels, gen)).to(device)
             else:  # the next micro-batch of the shards, encoded now, its conditions made from what it carries
@@ -179,8 +185,9 @@ def train_diffusion(
                                                       codec, cond_stage if frozen else None)
                 idx = torch.arange(micro)
             cond = None if source is None else {k: v.to(device) for k, v in source.batch(idx, gen).items()}
-            # DDP all-reduces on the last micro-batch's backward only
-            sync = model.no_sync() if d.distributed and a < len(my_micros) - 1 else contextlib.nullcontext()
+            # DDP all-reduces on the last micro-batch's backward only (model is DDP exactly when d.distributed)
+            sync = (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and a < len(my_micros) - 1
+                    else contextlib.nullcontext())
             with sync:
                 with autocast:
                     loss = diffusion_loss(model, z, schedule, cond=cond, generator=gen,
@@ -206,8 +213,9 @@ def train_diffusion(
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save(bar.running)
     bar.close()
-    best = ema.model
-    parts = LDMParts(best.unet, codec.autoencoder, cond_stage if frozen else best.conditioner, schedule)
+    best = cast(ConditionedUNet, ema.model)  # EMA holds a deep copy of net, which mypy can't follow
+    unet = cast(UNetModel, best.unet)  # build() wraps build_unet's UNetModel; ConditionedUNet types it nn.Module
+    parts = LDMParts(unet, codec.autoencoder, cond_stage if frozen else best.conditioner, schedule)
     if d.is_main:
         save_ldm(run_dir / LDM_FILE, parts, cfg, codec.scale_factor)
     barrier(d)

@@ -23,7 +23,7 @@ def without_dropout(source: Any) -> Any:
     """The same condition source with condition dropout off: previews show the conditions they are given."""
     if source is None:
         return None
-    if dataclasses.is_dataclass(source) and hasattr(source, "drop_prob"):
+    if dataclasses.is_dataclass(source) and not isinstance(source, type) and hasattr(source, "drop_prob"):
         return dataclasses.replace(source, drop_prob=0.0)
     if hasattr(source, "sources"):
         return dataclasses.replace(source, sources=[without_dropout(s) for s in source.sources])
