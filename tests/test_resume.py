@@ -29,7 +29,8 @@ OVERRIDES = {"data.limit": 300, "train_autoencoder.steps": 6, "train_autoencoder
              "train_diffusion.checkpoint_every": 3, "train_diffusion.tensorboard": False}
 WALL_CLOCK = {"seconds", "images_per_s"}  # log fields that time the run, the only ones allowed to differ
 
-# The child: run `ldmkit train --config mnist_tiny --out RUN --set ...`, and SIGKILL this process at a point named on the command line:
+# The child: run `ldmkit train --config mnist_tiny --out RUN --set ...`, and SIGKILL this process at a point named
+# on the command line:
 #   "<stage>:<step>"  right after step <step> of stage "autoencoder" / "diffusion" is logged (before any
 #                     checkpoint of that step is written)
 #   "latest:<stem>:<step>" / "best:<stem>:<step>"  inside the save of step <step> of the state <stem>

@@ -63,8 +63,11 @@ def test_each_regulariser_learns_mnist(tmp_path: Path, preset: str) -> None:
     cfg = load_first_stage_run(preset, {"train_autoencoder.steps": 60, "train_autoencoder.batch_size": 32,
                                         "data.limit": 1000})
     before, after, _ = psnr_before_after(cfg, tmp_path)
-    # measured: 5.5 -> 12.97 dB (VQ), untrained models output a near-constant image
-    assert after > before + 5.0 and after > 12.0, (before, after)
+    # measured over autoencoder seeds 0-3 (train_autoencoder.seed): KL 6.0-7.3 -> 17.5-18.1 dB (gain 10.1-11.3),
+    # VQ 5.3-7.2 -> 12.9-13.3 dB (gain 5.8-7.6); untrained models output a near-constant image. The bars sit about
+    # one measured range below the lowest value.
+    gain, floor = {"kl-f4-mnist": (8.5, 16.5), "vq-f4-mnist": (4.0, 12.0)}[preset]
+    assert after > before + gain and after > floor, (before, after)
 
 
 def test_discriminator_untouched_before_disc_start_and_trained_after(tmp_path: Path) -> None:

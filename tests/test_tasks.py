@@ -74,7 +74,7 @@ def inpaint(tmp_path_factory):
 def test_super_resolution_uses_the_low_res_input(sr):
     pipe, data, _ = sr
     gap = condition_gap(pipe, data, n=64)
-    assert gap["ratio"] < 0.6, gap  # the low-res digit pins the latent down
+    assert gap["ratio"] < 0.6, gap  # the low-res digit pins the latent down: 0.52-0.55 over condition_gap's seeds 0-3
     from ldmkit.data.degradations import bicubic_downsample
 
     low = bicubic_downsample(data.images[:4])  # [4, 1, 8, 8]
@@ -83,7 +83,9 @@ def test_super_resolution_uses_the_low_res_input(sr):
     # each sample agrees with its own low-res input: downsampled, it is closer to it than to the other inputs
     err = (bicubic_downsample(out)[:, None] - low[None]).abs().flatten(2).mean(2)  # [sample, input]
     own, other = err.diag().mean(), (err.sum() - err.diag().sum()) / 12
-    assert own < other, err  # 0.20 vs 0.25 here: this tiny model's 40-step autoencoder blurs what it decodes
+    # own / other 0.78-0.82 here over seeds 0-3 (0.69-0.94 on images 4-11): this tiny model's 40-step autoencoder
+    # blurs what it decodes; a model ignoring the low-res input scores 1 on average
+    assert own < 0.9 * other, err
     with pytest.raises(ValueError, match="give a low-resolution image"):
         pipe.sample(n=2, steps=2)
     with pytest.raises(ValueError, match=r"lowres must be \[B, 1, H, W\]"):
@@ -121,12 +123,22 @@ def test_img2img_strength_controls_how_far_samples_move(sr):
 
     x = data.images[:4]
     low = bicubic_downsample(x)
-    weak = pipe.sample(lowres=low, image=x, strength=0.2, steps=10, seed=1, sampler="ddim", eta=0.0)
+    # distances to the autoencoder's own reconstruction of x, what strength -> 0 returns: the distance to x itself
+    # is mostly this 40-step autoencoder's blur (0.13-0.20 at any strength up to 0.5)
+    with torch.no_grad():
+        recon = pipe.codec.decode(pipe.codec.scale(pipe.codec.posterior(x).mode())).clamp(-1, 1)
+    dist = []
+    for strength in (0.2, 0.5, 0.9):
+        out = pipe.sample(lowres=low, image=x, strength=strength, steps=10, seed=1, sampler="ddim", eta=0.0)
+        assert out.shape == x.shape
+        dist.append(float((out - recon).abs().mean()))
+    # measured over seeds 0-3 and images 0-3, 4-7, 8-11: 0.020-0.031, 0.028-0.047, 0.083-0.160; each step up at
+    # least x1.24 and x2.0 (a sampler ignoring strength gives one distance for all three)
+    assert dist[0] < 0.05 and dist[1] > 1.1 * dist[0] and dist[2] > 1.5 * dist[1], dist
     with pytest.raises(ValueError, match="strength must be in"):
         pipe.sample(lowres=low, image=x, strength=1.5, steps=2)
     with pytest.raises(ValueError, match="needs a mask|needs an image"):
         pipe.sample(lowres=low, strength=0.5, steps=2)
-    assert weak.shape == x.shape
 
 
 def test_mask_inpainting_on_a_model_without_an_image_input(sr):
@@ -180,17 +192,21 @@ def layout(tmp_path_factory):
 def test_layout_to_image_uses_the_layout(layout):
     pipe, data, _ = layout
     gap = condition_gap(pipe, data, n=64)
-    assert gap["ratio"] < 0.985, gap  # 0.96 measured; a model ignoring the layout scores 1.0
-    lays = data.layouts[:2]
-    a = pipe.sample(layouts=lays, steps=6, seed=0, guidance=2.0)
-    b = pipe.sample(layouts=lays[::-1], steps=6, seed=0, guidance=2.0)
-    assert not torch.allclose(a, b.flip(0))
+    # 0.962-0.975 measured over condition_gap's seeds 0-3 (0.975 at seed 0); a model ignoring the layout scores
+    # exactly 1.0 (the same t and noise under both conditions)
+    assert gap["ratio"] < 0.99, gap
+    diff = same_noise_other_condition(pipe, {"layout": data.layouts[:1]}, {"layout": data.layouts[1:2]},
+                                      steps=6, seed=0, guidance=2.0)
+    # the layout moves this tiny model's samples only a little: mean |difference| 0.9e-4 to 3e-4 of the [-1, 1]
+    # range over seeds 0-3 and three layout pairs (another seed moves them 0.024-0.045); a condition-blind model
+    # gives exactly 0
+    assert diff > 2e-5, diff
     with pytest.raises(ValueError, match="unknown class 12"):
-        pipe.sample(layouts=[[(12, 0.1, 0.1, 0.5, 0.5)]], steps=2)
+        pipe.sample(layout=[[(12, 0.1, 0.1, 0.5, 0.5)]], steps=2)
     with pytest.raises(ValueError, match="x0 < x1"):
-        pipe.sample(layouts=[[(1, 0.6, 0.1, 0.5, 0.5)]], steps=2)
+        pipe.sample(layout=[[(1, 0.6, 0.1, 0.5, 0.5)]], steps=2)
     with pytest.raises(ValueError, match="takes no prompts"):
-        pipe.sample(prompts=["a seven"], steps=2)
+        pipe.sample(prompt=["a seven"], steps=2)
 
 
 @pytest.mark.parametrize("preset", ["emoji_text_bert", "emoji_text_minilm"])
@@ -212,12 +228,16 @@ def test_text_to_image_on_emoji_uses_the_caption(tmp_path_factory, preset):
     cfg = load_config(preset, {**TINY, **small})
     data = load_task_data(cfg, "train")  # the captions it learnt: does it tell them apart?
     gap = condition_gap(pipe, data, n=64)
-    assert gap["ratio"] < 0.985, gap
-    a = pipe.sample(prompts=[data.captions[0], data.captions[1]], steps=4, seed=0, guidance=3.0)
-    b = pipe.sample(prompts=[data.captions[1], data.captions[0]], steps=4, seed=0, guidance=3.0)
-    assert a.shape == (2, 3, 16, 16) and not torch.allclose(a, b.flip(0))
+    assert gap["ratio"] < 0.8, gap  # measured 0.63 (BERT) and 0.61 (MiniLM); a caption-blind model scores 1.0
+    assert pipe.sample(prompt=data.captions[:2], steps=2).shape == (2, 3, 16, 16)
+    # "3rd place medal" vs "a button (blood type)": mean |difference| 0.47-0.50 (BERT) and 0.22-0.25 (MiniLM) over
+    # seeds 0-3 (another seed with the same caption: 0.02-0.08); a condition-blind model gives exactly 0. (Captions
+    # 0 and 1, "1st/2nd place medal", draw nearly the same picture: 0.004-0.033.)
+    diff = same_noise_other_condition(pipe, {"prompt": data.captions[2:3]}, {"prompt": data.captions[3:4]},
+                                      steps=4, seed=0, guidance=3.0)
+    assert diff > 0.1, diff
     with pytest.raises(ValueError, match="prompt is empty"):
-        pipe.sample(prompts=[" "], steps=2)
+        pipe.sample(prompt=[" "], steps=2)
     with pytest.raises(ValueError, match="give prompts"):
         pipe.sample(n=2, steps=2)
 

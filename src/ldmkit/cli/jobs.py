@@ -15,10 +15,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
-    if args.judge_steps < 1 or args.samples_per_class < 1:
-        raise CLIError("--judge-steps and --samples-per-class must be >= 1")
+    if min(args.judge_steps, args.samples_per_class, args.eval_images or 1) < 1:
+        raise CLIError("--judge-steps, --samples-per-class and --eval-images must be >= 1")
     run_demo(args.out, args.config, overrides=parse_overrides(args.set), samples_per_class=args.samples_per_class,
-             judge_steps=args.judge_steps, progress=not args.quiet)
+             judge_steps=args.judge_steps, eval_images=args.eval_images, progress=not args.quiet)
     print(f"demo finished: see {Path(args.out) / 'samples.png'} and {Path(args.out) / 'metrics.json'}")
 
 

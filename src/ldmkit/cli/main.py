@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     d.add_argument("--judge-steps", type=int, default=600, help="training steps of the judge CNN behind the metrics")
     d.add_argument("--samples-per-class", type=int, default=50, help="samples per class for the metrics")
+    d.add_argument("--eval-images", type=int, default=None,
+                   help="test images for the metrics (default: all 10000; fewer for a quick check)")
     d.add_argument("--fresh", action="store_true", help="delete the run directory first")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
