@@ -57,13 +57,19 @@ class CheckpointKeeper:
         self.dir.mkdir(parents=True, exist_ok=True)
         target = self.dir / f"{self.stem}_step{step:08d}.safetensors"
         save_state(target, state, {**meta, "step": step, "metric": metric})
+        # the best is judged before the latest moves: a run killed between the two links resumes from the state
+        # before, and judges this one again when it is saved again (judging is idempotent)
+        self._judge(target, metric)
         _link(target, self.path)
-        best = self.best_metric()
-        if metric is not None and (best is None or metric <= best):
-            _link(target, self.best_path)
         for old in self.numbered()[: -self.keep]:
             old.unlink(missing_ok=True)  # the best stays through its own link
         return target
+
+    def _judge(self, path: Path, metric: float | None) -> None:
+        """Make `path` the best when its metric is at least as low as the best's (ties go to the later state)."""
+        best = self.best_metric()
+        if metric is not None and (best is None or float(metric) <= best):
+            _link(path, self.best_path)
 
     def load(self, log: Any = print) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The latest readable state, or None when the run has none yet."""
@@ -76,6 +82,8 @@ class CheckpointKeeper:
                 continue
             if i:
                 log(f"resuming from {p}")
+            # a state written but killed before its links (or before the best link) was never judged: judge it now
+            self._judge(p, loaded[1].get("metric"))
             return loaded
         if candidates:
             raise CheckpointError(f"no readable training state among {[str(p) for p in candidates]}")
