@@ -134,7 +134,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     with torch.inference_mode():
         images = pipe.sample(prompt=[PROMPT], steps=args.steps, guidance=7.5, sampler="ddim", eta=0.0,
-                             resolution=args.size, seed=0, callback=on_step)
+                             height=args.size, width=args.size, seed=0, callback=on_step)
     phases.mark(f"after VAE decode to {' x '.join(map(str, images.shape))} (whole job)")
     middle = {id(r) for r in step_rows[1:-1]}  # the steps between the first and the last look the same
     keep = [r for r in phases.rows if id(r) not in middle]
